@@ -1,0 +1,19 @@
+"""ComfyUI nodes of VAE Lab: glue between the graph and ``training/``."""
+from __future__ import annotations
+
+from comfy_api.latest import ComfyExtension, io
+
+from .host import register_model_folders
+from .oklab_loss import OklabLoss
+
+NODES: list[type[io.ComfyNode]] = [OklabLoss]
+
+
+class VAELabExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return NODES
+
+
+async def comfy_entrypoint() -> VAELabExtension:
+    register_model_folders()
+    return VAELabExtension()
