@@ -12,8 +12,11 @@ Two choices make the mix and the weights mean something (``TRAINING.md`` measure
   below it MAE pulls harder (robust to outliers), above it MSE does (punishes large misses).
 * ``channel_weights`` (default L 1, a 2, b 2): over the sRGB gamut L spans 1.0 but a and b span only
   ~0.51 each, and a decoder's L errors run ~3x its a/b errors (TAEF2 on the bundled photos: |dL| 0.015,
-  |da| 0.0055, |db| 0.0050). Weighting a and b by 2 equalises the ranges and gives chroma about as much
-  say as lightness (0.015 vs 0.021), instead of letting L swamp colour.
+  |da| 0.0055, |db| 0.0050). Weighting a and b by 2 equalises the ranges; measured on TAEF2's
+  reconstructions of the bundled photos, chroma then carries 37 % of the default loss (mix 0.5) instead
+  of 23 %, and 57 % instead of 40 % of pure MAE. Oklab distances are perceptual as they stand, so more
+  than 2 would overweight colour; less lets lightness (which LPIPS and the discriminator also police)
+  swamp the colour shifts this loss is there to catch.
 
 The weights are normalised, so changing them changes the balance, not the loss scale.
 """

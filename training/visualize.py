@@ -29,16 +29,19 @@ def heatmap(values: torch.Tensor, vmax: float) -> torch.Tensor:
 
 
 def grid(rows: list[list[torch.Tensor]], gap: int = 4) -> torch.Tensor:
-    """Tiles (3, H, W) images into one (3, H', W') picture; rows may differ in length, tiles in size
-    (each tile is top-left aligned in its cell). The background is mid-grey."""
-    cell_h = max(t.shape[1] for row in rows for t in row)
-    cell_w = max(t.shape[2] for row in rows for t in row)
+    """Tiles (3, H, W) images into one (3, H', W') picture on mid-grey. Each row is as tall as its
+    tallest tile, each column as wide as the widest tile; tiles sit top-left in their cells."""
+    row_heights = [max(t.shape[1] for t in row) for row in rows]
     columns = max(len(row) for row in rows)
-    canvas = torch.full((3, len(rows) * (cell_h + gap) - gap, columns * (cell_w + gap) - gap), 0.5)
-    for r, row in enumerate(rows):
-        for c, tile in enumerate(row):
-            top, left = r * (cell_h + gap), c * (cell_w + gap)
+    col_widths = [max(row[c].shape[2] for row in rows if c < len(row)) for c in range(columns)]
+    canvas = torch.full((3, sum(row_heights) + gap * (len(rows) - 1), sum(col_widths) + gap * (columns - 1)), 0.5)
+    top = 0
+    for row, height in zip(rows, row_heights):
+        left = 0
+        for tile, width in zip(row, col_widths):
             canvas[:, top : top + tile.shape[1], left : left + tile.shape[2]] = tile.clamp(0, 1)
+            left += width + gap
+        top += height + gap
     return canvas
 
 
@@ -46,3 +49,23 @@ def fit(image: torch.Tensor, height: int) -> torch.Tensor:
     """(3, H, W) -> same aspect at the given height (area-averaged when shrinking)."""
     width = max(1, round(image.shape[2] * height / image.shape[1]))
     return F.interpolate(image[None], size=(height, width), mode="area" if height < image.shape[1] else "bilinear", align_corners=None if height < image.shape[1] else False)[0]
+
+
+def label(image: torch.Tensor, text: str, height: int = 18) -> torch.Tensor:
+    """(3, H, W) with a dark caption strip of ``text`` on top (Pillow's built-in font)."""
+    from PIL import Image, ImageDraw
+    import numpy as np
+
+    strip = Image.new("RGB", (image.shape[2], height), (24, 24, 24))
+    ImageDraw.Draw(strip).text((4, 3), text, fill=(235, 235, 235))
+    caption = torch.from_numpy(np.asarray(strip, dtype=np.float32) / 255).permute(2, 0, 1)
+    return torch.cat([caption, image.clamp(0, 1).cpu()], dim=1)
+
+
+def save_png(image: torch.Tensor, path: str) -> None:
+    """(3, H, W) in [0, 1] -> 8-bit PNG."""
+    from PIL import Image
+    import numpy as np
+
+    array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
+    Image.fromarray(array).save(path)
