@@ -1,0 +1,100 @@
+"""Host tier: the pack inside a real ComfyUI (CPU). Skipped unless COMFYUI_DIR names a ComfyUI checkout."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import colour
+import numpy as np
+import pytest
+from PIL import Image
+
+from comfy_host import PACK_NAME, ROOT, ComfyServer, comfyui_dir, ui_to_api
+from test_pack import node_schemas
+
+pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason="host tier: set COMFYUI_DIR to a ComfyUI checkout with a venv")
+
+WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ComfyServer(comfyui_dir())
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        srv.stop()
+
+
+@pytest.fixture(scope="module")
+def object_info(server):
+    return server.get("/object_info")
+
+
+def test_every_node_loaded_with_a_complete_schema(server, object_info):
+    expected = {schema["node_id"] for schema in node_schemas()}
+    loaded = {name for name, info in object_info.items() if info["category"].startswith("VAE Lab")}
+    assert loaded == expected, f"missing: {expected - loaded}\n{server.log()[-3000:]}"
+    for name in loaded:
+        info = object_info[name]
+        assert info["category"] == "VAE Lab" and info["description"].strip()
+        for section in ("required", "optional"):
+            for input_name, spec in info["input"].get(section, {}).items():
+                assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
+    assert "IMPORT FAILED" not in server.log()
+
+
+def test_web_extension_is_served(server):
+    body = server.get(f"/extensions/{PACK_NAME}/vae_lab.js")
+    assert b"registerExtension" in body
+
+
+def test_every_example_workflow_is_listed(server):
+    listed = server.get("/workflow_templates").get(PACK_NAME, [])
+    assert sorted(listed) == sorted(os.path.splitext(os.path.basename(p))[0] for p in WORKFLOWS)
+
+
+def _example_and_palette_image(base):
+    """What LoadImage + ImageQuantize(16, none) produce, recomputed with Pillow the way the core node does."""
+    original = np.asarray(Image.open(os.path.join(base, "input", "example.png")).convert("RGB"), dtype=np.float32) / 255.0
+    as_bytes = (original * 255).astype(np.uint8)  # torch's float->uint8 truncates, as numpy does
+    image = Image.fromarray(as_bytes, mode="RGB")
+    quantized = image.quantize(palette=image.quantize(colors=16), dither=Image.Dither.NONE)
+    return original, np.asarray(quantized.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def check_oklab_loss_palette(entry, prompt, server):
+    outputs = entry["outputs"]
+    node_id = next(k for k, v in prompt.items() if v["class_type"] == "VAELab_OklabLoss")
+    values = outputs[node_id]["vae_lab"][0]
+    assert "mean ΔE" in outputs[node_id]["text"][0]
+    original, quantized = _example_and_palette_image(server.base)
+    lab_q = colour.convert(quantized.astype(np.float64), "sRGB", "Oklab")
+    lab_o = colour.convert(original.astype(np.float64), "sRGB", "Oklab")
+    d = lab_q - lab_o
+    inputs = prompt[node_id]["inputs"]
+    mix, scale = inputs["mse_mix"], inputs["mse_scale"]
+    w = np.array([inputs["weight_L"], inputs["weight_a"], inputs["weight_b"]])
+    per_channel = ((1 - mix) * np.abs(d) + mix * d**2 / scale).reshape(-1, 3).mean(0)
+    expected_loss = float((per_channel * w).sum() / w.sum())
+    expected_delta_e = float(np.sqrt((d**2).sum(-1)).mean())
+    assert values["loss"] == pytest.approx(expected_loss, rel=5e-3)
+    assert values["mean_delta_e"] == pytest.approx(expected_delta_e, rel=5e-3)
+    assert values["mean_delta_e"] > 0.005  # a 16-colour palette is visibly off
+    heatmaps = [o for o in outputs.values() if o.get("images")]
+    assert heatmaps, "the heatmap preview was not written"
+
+
+CHECKS = {"oklab_loss_palette": check_oklab_loss_palette}
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: os.path.basename(p))
+def test_example_workflow_runs_and_gives_the_right_numbers(server, object_info, path):
+    name = os.path.splitext(os.path.basename(path))[0]
+    assert name in CHECKS, f"{name}: every example workflow needs an independent check in CHECKS"
+    with open(path) as f:
+        prompt = ui_to_api(json.load(f), object_info)
+    entry = server.run_prompt(prompt)
+    CHECKS[name](entry, prompt, server)
