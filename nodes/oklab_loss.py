@@ -38,9 +38,9 @@ class OklabLoss(io.ComfyNode):
                                tooltip="ΔE shown at full brightness in the heatmap. Keep it fixed to compare heatmaps across runs; ~0.02 is a just-visible difference."),
             ],
             outputs=[
-                io.Float.Output("loss", tooltip="Weighted Oklab MAE/MSE loss, averaged over the batch."),
-                io.Image.Output("delta_e_heatmap", tooltip="Per-pixel Oklab ΔE: black = identical, bright = large colour difference."),
-                io.String.Output("summary", tooltip="The text shown on the node."),
+                io.Float.Output("loss", display_name="loss", tooltip="Weighted Oklab MAE/MSE loss, averaged over the batch."),
+                io.Image.Output("delta_e_heatmap", display_name="ΔE heatmap", tooltip="Per-pixel Oklab ΔE: black = identical, bright = large colour difference."),
+                io.String.Output("summary", display_name="summary", tooltip="The text shown on the node."),
             ],
         )
 

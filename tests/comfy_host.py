@@ -85,11 +85,12 @@ class ComfyServer:
             body = r.read()
         return json.loads(body) if body[:1] in (b"{", b"[") else body
 
-    def post(self, path: str, payload: dict):
+    def post(self, path: str, payload):
         request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
         try:
             with urllib.request.urlopen(request, timeout=30) as r:
-                return json.loads(r.read())
+                body = r.read()
+                return json.loads(body) if body.strip() else None
         except urllib.error.HTTPError as exc:
             raise AssertionError(f"POST {path} -> {exc.code}: {exc.read().decode(errors='replace')[:4000]}") from exc
 

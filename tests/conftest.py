@@ -37,3 +37,18 @@ def photo_crops():
 
     names = ["astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg"]
     return to_tensor([center_crop(load_image01(os.path.join(BUNDLED_IMAGES, n)), 128) for n in names])
+
+
+@pytest.fixture(scope="session")
+def comfy_server():
+    """One real ComfyUI server for the whole host tier (booted on first use, stopped at the end)."""
+    from comfy_host import ComfyServer, comfyui_dir
+
+    if comfyui_dir() is None:
+        pytest.skip("host tier: set COMFYUI_DIR to a ComfyUI checkout with a venv")
+    server = ComfyServer(comfyui_dir())
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

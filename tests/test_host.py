@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from comfy_host import PACK_NAME, ROOT, ComfyServer, comfyui_dir, ui_to_api
+from comfy_host import PACK_NAME, ROOT, comfyui_dir, ui_to_api
 from test_pack import node_schemas
 
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason="host tier: set COMFYUI_DIR to a ComfyUI checkout with a venv")
@@ -19,13 +19,8 @@ WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = ComfyServer(comfyui_dir())
-    try:
-        srv.wait_ready()
-        yield srv
-    finally:
-        srv.stop()
+def server(comfy_server):
+    return comfy_server
 
 
 @pytest.fixture(scope="module")

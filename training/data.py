@@ -13,8 +13,9 @@ Bad files never stop a run: ``ImageFolder`` skips and counts files that are empt
 or corrupt, too large to decode safely (decompression bombs) or smaller than the crop; a folder with no
 usable image at all is a clear error that says why each file was skipped.
 
-Random crops (``CropSampler``) follow the Furception recipe: a square region covering a random fraction
-of the image, downscaled with Lanczos (antialiased) to the crop size, then a random rot90 and flip.
+Random crops (``CropSampler``) follow the Furception recipe: a square region at one of several downscale
+levels (native pixels up to 4x more of the scene), Lanczos-downscaled (antialiased) to the crop size,
+then a random rot90 and flip.
 Every crop is a pure function of (seed, step, position in batch): the same seed gives the same data.
 """
 from __future__ import annotations

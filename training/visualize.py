@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 # A perceptually ordered dark-to-bright ramp (black, violet, red, orange, pale yellow): equal steps of
 # error read as equal steps of brightness, and it stays readable in grayscale.
@@ -43,12 +42,6 @@ def grid(rows: list[list[torch.Tensor]], gap: int = 4) -> torch.Tensor:
             left += width + gap
         top += height + gap
     return canvas
-
-
-def fit(image: torch.Tensor, height: int) -> torch.Tensor:
-    """(3, H, W) -> same aspect at the given height (area-averaged when shrinking)."""
-    width = max(1, round(image.shape[2] * height / image.shape[1]))
-    return F.interpolate(image[None], size=(height, width), mode="area" if height < image.shape[1] else "bilinear", align_corners=None if height < image.shape[1] else False)[0]
 
 
 def label(image: torch.Tensor, text: str, height: int = 18) -> torch.Tensor:
