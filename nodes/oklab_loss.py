@@ -55,15 +55,7 @@ class OklabLoss(io.ComfyNode):
         loss = float(losses.oklab_loss(output01, reference01, mse_mix, weights, mse_scale))
         delta_e = metrics.delta_e_map(output01, reference01)
         split = metrics.oklab_error_split(output01, reference01)
-        flat = delta_e.flatten()
-        stats = {
-            "loss": loss,
-            "mean_delta_e": float(flat.mean()),
-            "median_delta_e": float(flat.median()),
-            "p95_delta_e": float(flat.kthvalue(max(1, int(0.95 * flat.numel()))).values),
-            "images": int(delta_e.shape[0]),
-            **split,
-        }
+        stats = {"loss": loss, **metrics.delta_e_distribution(delta_e), "images": int(delta_e.shape[0]), **split}
         summary = (
             f"Oklab loss {loss:.5f}  (MSE mix {mse_mix:.2f}, weights L {weight_L:g} · a {weight_a:g} · b {weight_b:g})\n"
             f"mean ΔE {stats['mean_delta_e']:.4f}   median {stats['median_delta_e']:.4f}   95th pct {stats['p95_delta_e']:.4f}"

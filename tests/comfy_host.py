@@ -94,8 +94,9 @@ class ComfyServer:
         except urllib.error.HTTPError as exc:
             raise AssertionError(f"POST {path} -> {exc.code}: {exc.read().decode(errors='replace')[:4000]}") from exc
 
-    def run_prompt(self, prompt: dict, timeout: float = 300) -> dict:
-        """Queues an API-format prompt, waits for it, returns its history entry; fails on execution_error."""
+    def run_prompt(self, prompt: dict, timeout: float = 300, expect_error: bool = False) -> dict:
+        """Queues an API-format prompt, waits for it, returns its history entry; fails on execution_error
+        (or, with ``expect_error``, returns that error's data and fails without one)."""
         answer = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
         assert not answer.get("node_errors"), answer
         prompt_id = answer["prompt_id"]
@@ -105,6 +106,9 @@ class ComfyServer:
             if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
                 entry = history[prompt_id]
                 errors = [m for m in entry["status"].get("messages", []) if m[0] == "execution_error"]
+                if expect_error:
+                    assert errors, "the prompt was expected to fail"
+                    return errors[0][1]
                 assert not errors, json.dumps(errors, indent=1)[:4000]
                 assert entry["status"]["completed"], entry["status"]
                 return entry

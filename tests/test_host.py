@@ -96,3 +96,15 @@ def test_example_workflow_runs_and_gives_the_right_numbers(server, object_info, 
         prompt = ui_to_api(json.load(f), object_info)
     entry = server.run_prompt(prompt)
     CHECKS[name](entry, prompt, server)
+
+
+def test_oklab_loss_names_the_input_and_the_fix_on_a_size_mismatch(server):
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bilinear", "width": 96, "height": 64, "crop": "disabled"}},
+        "3": {"class_type": "VAELab_OklabLoss", "inputs": {"image": ["2", 0], "reference": ["1", 0], "mse_mix": 0.5, "weight_L": 1.0,
+                                                          "weight_a": 2.0, "weight_b": 2.0, "mse_scale": 0.01, "heatmap_max": 0.1}},
+    }
+    error = server.run_prompt(prompt, expect_error=True)
+    assert error["node_type"] == "VAELab_OklabLoss"
+    assert "image is 96x64 but reference is 768x768" in error["exception_message"] and "resize or crop" in error["exception_message"]

@@ -98,3 +98,12 @@ def test_error_split_shares_sum_to_one(pairs):
     split = metrics.oklab_error_split(*pairs[0])
     assert split["share_L"] + split["share_a"] + split["share_b"] == pytest.approx(1.0)
     assert split["mean_abs_L"] > 0
+
+
+def test_delta_e_distribution_matches_numpy():
+    values = torch.rand(2, 30, 40)
+    got = metrics.delta_e_distribution(values)
+    flat = values.flatten().numpy()
+    assert got["mean_delta_e"] == pytest.approx(float(flat.mean()), rel=1e-6)
+    assert got["p95_delta_e"] == pytest.approx(float(np.percentile(flat, 95)), abs=2e-3)
+    assert got["median_delta_e"] == pytest.approx(float(np.median(flat)), abs=1e-3)

@@ -32,7 +32,9 @@ if [ -f "$stamp" ]; then
   exit 0
 fi
 
-pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@" >&2; }
+# pip's progress goes to stderr so stdout carries only the chosen Python; this machine's pip config
+# points at local wheel folders and warns about each missing one, which is noise here.
+pip_install() { "$py" -m pip install --disable-pip-version-check -q "$@" 2>&1 | { grep -v '^WARNING: Location' || true; } >&2; }
 if ! "$py" -c 'import torch' 2>/dev/null; then
   echo "setup: installing torch==2.14.1 torchvision==0.29.1 (several GB, once)" >&2
   pip_install torch==2.14.1 torchvision==0.29.1

@@ -132,6 +132,16 @@ def mean_and_std(values: torch.Tensor) -> tuple[float, float]:
     return float(finite.mean()), float(finite.std(unbiased=False)) if finite.numel() > 1 else 0.0
 
 
+def delta_e_distribution(delta_e_pixels: torch.Tensor) -> dict[str, float]:
+    """Mean, median and 95th percentile of a ΔE map (any shape), over all its pixels."""
+    flat = delta_e_pixels.flatten().float()
+    return {
+        "mean_delta_e": float(flat.mean()),
+        "median_delta_e": float(flat.median()),
+        "p95_delta_e": float(flat.kthvalue(max(1, int(0.95 * flat.numel()))).values),
+    }
+
+
 def oklab_error_split(output01: torch.Tensor, reference01: torch.Tensor) -> dict[str, float]:
     """Where the colour error lives, over the whole batch: mean |ΔL|, |Δa|, |Δb| and each channel's
     share of the squared error ΔE² (the three shares sum to 1)."""
