@@ -1,7 +1,6 @@
 import io
 import os
 import struct
-import zlib
 
 import numpy as np
 import pytest

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .oklab import oklab_from_srgb
+from .losses import oklab_difference
 
 
 def _prepare(output01: torch.Tensor, reference01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,8 +77,7 @@ def ssim(output01: torch.Tensor, reference01: torch.Tensor, sigma: float = 1.5, 
 
 def delta_e_map(output01: torch.Tensor, reference01: torch.Tensor) -> torch.Tensor:
     """Per-pixel Oklab colour difference ΔE (Euclidean distance in L, a, b), shape (B, H, W)."""
-    out, ref = _prepare(output01, reference01)
-    return (oklab_from_srgb(out) - oklab_from_srgb(ref)).pow(2).sum(1).sqrt()
+    return oklab_difference(*_prepare(output01, reference01)).pow(2).sum(1).sqrt()
 
 
 def delta_e(output01: torch.Tensor, reference01: torch.Tensor) -> torch.Tensor:
@@ -145,8 +144,7 @@ def delta_e_distribution(delta_e_pixels: torch.Tensor) -> dict[str, float]:
 def oklab_error_split(output01: torch.Tensor, reference01: torch.Tensor) -> dict[str, float]:
     """Where the colour error lives, over the whole batch: mean |ΔL|, |Δa|, |Δb| and each channel's
     share of the squared error ΔE² (the three shares sum to 1)."""
-    out, ref = _prepare(output01, reference01)
-    diff = oklab_from_srgb(out) - oklab_from_srgb(ref)
+    diff = oklab_difference(*_prepare(output01, reference01))
     mean_abs = diff.abs().mean(dim=(0, 2, 3))
     energy = diff.pow(2).mean(dim=(0, 2, 3))
     share = energy / energy.sum() if float(energy.sum()) > 0 else torch.full_like(energy, 1 / 3)
