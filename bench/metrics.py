@@ -16,10 +16,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-from training import data, metrics  # noqa: E402
+from training import data, metrics
 
 
 def naive_loop(outputs: np.ndarray, references: np.ndarray) -> None:
@@ -28,7 +28,7 @@ def naive_loop(outputs: np.ndarray, references: np.ndarray) -> None:
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     k = np.array([1, 4, 6, 4, 1]) / 16
-    blur = lambda x: convolve1d(convolve1d(x, k, axis=0, mode="mirror"), k, axis=1, mode="mirror")  # noqa: E731
+    blur = lambda x: convolve1d(convolve1d(x, k, axis=0, mode="mirror"), k, axis=1, mode="mirror")
     for y, x in zip(outputs, references):
         y = np.clip(y, 0, 1)
         peak_signal_noise_ratio(x, y, data_range=1.0)

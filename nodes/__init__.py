@@ -4,9 +4,11 @@ from __future__ import annotations
 from comfy_api.latest import ComfyExtension, io
 
 from .host import register_model_folders
+from .load_tiny_autoencoder import LoadTinyAutoencoder
+from .load_vae_decoder import LoadVAEDecoder
 from .oklab_loss import OklabLoss
 
-NODES: list[type[io.ComfyNode]] = [OklabLoss]
+NODES: list[type[io.ComfyNode]] = [LoadVAEDecoder, LoadTinyAutoencoder, OklabLoss]
 
 
 class VAELabExtension(ComfyExtension):

@@ -3,8 +3,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..training import losses, metrics, visualize
-from .host import comfy_from_images01, images01_from_comfy, matching_batches
 from .common import CATEGORY, summary_ui
+from .host import comfy_from_images01, images01_from_comfy, matching_batches
 
 
 class OklabLoss(io.ComfyNode):

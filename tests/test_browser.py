@@ -6,7 +6,6 @@ import json
 import os
 
 import pytest
-
 from browser import Browser, chromium_path
 from comfy_host import ROOT, comfyui_dir
 

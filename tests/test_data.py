@@ -11,7 +11,7 @@ from training import data
 
 
 def _s15(v):
-    return struct.pack(">i", int(round(v * 65536)))
+    return struct.pack(">i", round(v * 65536))
 
 
 def _matrix_icc_profile(red_xyz, green_xyz, blue_xyz, description=b"swapped test profile"):

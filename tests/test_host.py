@@ -8,9 +8,8 @@ import os
 import colour
 import numpy as np
 import pytest
-from PIL import Image
-
 from comfy_host import PACK_NAME, ROOT, comfyui_dir, ui_to_api
+from PIL import Image
 from test_pack import node_schemas
 
 pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason="host tier: set COMFYUI_DIR to a ComfyUI checkout with a venv")

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+
 import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,7 +117,7 @@ def test_ci_runs_exactly_the_readme_test_command():
     readme = open(os.path.join(ROOT, "README.md")).read()
     ci = open(os.path.join(ROOT, ".ci", "run")).read()
     assert "tools/test.sh" in readme and "tools/demo.sh" in readme
-    assert re.search(r"^\s*(exec\s+)?bash tools/test\.sh\b", ci, re.M)
+    assert re.search(r"^\s*(exec\s+)?bash tools/test\.sh\b", ci, re.MULTILINE)
 
 
 def test_bundled_assets_have_provenance():

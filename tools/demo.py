@@ -21,10 +21,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from training import data, metrics, perceptual, report, visualize  # noqa: E402
-from training.taesd import load_tiny_autoencoder  # noqa: E402
+from training import data, metrics, perceptual, report, visualize
+from training.taesd import load_tiny_autoencoder
 
 HEATMAP_MAX = 0.1
 

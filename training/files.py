@@ -18,6 +18,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     A pickle that needs arbitrary code to load is refused, never executed.
     """
+    return read_weight_file(path)[0]
+
+
+def read_weight_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata): safetensors' ``__metadata__`` strings, or {} for torch pickles."""
     path = os.fspath(path)
     name = os.path.basename(path)
     if not os.path.isfile(path):
@@ -25,10 +30,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if os.path.getsize(path) == 0:
         raise WeightFileError(f"{name}: the file is empty (an interrupted download?). Download it again.")
     if path.lower().endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
         try:
-            return load_file(path, device="cpu")
+            with safe_open(path, framework="pt", device="cpu") as f:
+                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (safe_open is not iterable)
         except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
             raise WeightFileError(f"{name}: not a readable safetensors file ({exc}). Download it again.") from exc
     if not path.lower().endswith(PICKLE_SUFFIXES):
@@ -46,4 +52,20 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         payload = payload["state_dict"]
     if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
         raise WeightFileError(f"{name}: holds no state dict of tensors")
-    return payload
+    return payload, {}
+
+
+def safetensors_keys(path: str | os.PathLike) -> list[str]:
+    """Tensor names from a safetensors header, without reading the tensors ([] if unreadable)."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            if size > 100_000_000:
+                return []
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error):
+        return []
+    return [k for k in header if k != "__metadata__"]

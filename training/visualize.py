@@ -46,8 +46,8 @@ def grid(rows: list[list[torch.Tensor]], gap: int = 4) -> torch.Tensor:
 
 def label(image: torch.Tensor, text: str, height: int = 18) -> torch.Tensor:
     """(3, H, W) with a dark caption strip of ``text`` on top (Pillow's built-in font)."""
-    from PIL import Image, ImageDraw
     import numpy as np
+    from PIL import Image, ImageDraw
 
     strip = Image.new("RGB", (image.shape[2], height), (24, 24, 24))
     ImageDraw.Draw(strip).text((4, 3), text, fill=(235, 235, 235))
@@ -57,8 +57,8 @@ def label(image: torch.Tensor, text: str, height: int = 18) -> torch.Tensor:
 
 def save_png(image: torch.Tensor, path: str) -> None:
     """(3, H, W) in [0, 1] -> 8-bit PNG."""
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
     Image.fromarray(array).save(path)
