@@ -14,6 +14,7 @@ from ..training.vae_files import (
     open_vae_file,
 )
 from .common import CATEGORY, summary_ui
+from .common import file_stamps as _file_stamps
 from .host_vae import assemble
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,6 +104,11 @@ class LoadTinyAutoencoder(io.ComfyNode):
                                                                       "dtype, how the VAE was built."),
             ],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, name, latent_space, encoder, base_vae=None):
+        """Reload when a chosen file changes on disk (e.g. a finetune saved again under the same name)."""
+        return _file_stamps([path for path, _ in _choices().get(name, [])])
 
     @classmethod
     def execute(cls, name, latent_space, encoder, base_vae=None) -> io.NodeOutput:

@@ -5,6 +5,7 @@ from comfy_api.latest import io
 from ..training.layouts import KL
 from ..training.vae_files import VaeFileError, describe_weights, open_vae_file
 from .common import CATEGORY, summary_ui
+from .common import file_stamps as _file_stamps
 from .host_vae import assemble
 
 NO_BASE = "(none)"
@@ -60,6 +61,13 @@ class LoadVAEDecoder(io.ComfyNode):
                                                                       "where the encoder came from, and the file's metadata."),
             ],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, vae_name, encoder, base_file, base_vae=None):
+        """Reload when a chosen file changes on disk (e.g. a finetune saved again under the same name)."""
+        import folder_paths
+
+        return _file_stamps([folder_paths.get_full_path("vae", name) for name in (vae_name, base_file) if name != NO_BASE])
 
     @classmethod
     def execute(cls, vae_name, encoder, base_file, base_vae=None) -> io.NodeOutput:

@@ -2,6 +2,8 @@
 kl-f8 AutoencoderKL and the TAESD AutoencoderTiny), on full-size random weights in the real layouts."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -10,9 +12,31 @@ from training import layouts
 from training.klf8 import KlAutoencoder
 from training.layouts import KL, TINY
 from training.taesd import TinyAutoencoder
-from training.vae_files import VaeFileError, describe_weights, open_vae_file, pair_with_base, weights_from_state_dict
+from training.vae_files import (
+    VaeFileError,
+    describe_weights,
+    open_vae_file,
+    pair_with_base,
+    weights_from_state_dict,
+)
 
-diffusers = pytest.importorskip("diffusers")
+
+def _import_diffusers():
+    """diffusers (a test requirement: the independent implementation). colour-science leaves a placeholder
+    ``matplotlib`` module without a spec when matplotlib is absent, and diffusers' optional-dependency probe
+    (``importlib.util.find_spec``) fails on it: hide the placeholder while diffusers imports."""
+    placeholder = sys.modules.get("matplotlib")
+    if placeholder is not None and getattr(placeholder, "__spec__", None) is None:
+        del sys.modules["matplotlib"]
+    try:
+        import diffusers
+    finally:
+        if placeholder is not None:
+            sys.modules["matplotlib"] = placeholder
+    return diffusers
+
+
+diffusers = _import_diffusers()
 
 
 def _jitter(model: torch.nn.Module, seed: int) -> torch.nn.Module:
