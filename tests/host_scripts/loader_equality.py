@@ -140,6 +140,11 @@ with torch.inference_mode():
     pixels = torch.rand(1, 96, 96, 3, generator=torch.Generator().manual_seed(8))
     results["hybrid encode (vs core kl4)"] = {"encode": (encode(hybrid, pixels) - encode(core("kl4_ldm.safetensors"), pixels)).abs().max().item()}
 
+    # hybrid the other way: a kl decoder (VAE Lab's kl module) on the TAESD encoder
+    kl_on_tiny = ours_kl("kl4_ldm.safetensors", encoder="from base", base_vae=core("taesd")).result[0]
+    compare("hybrid kl decoder (vs core kl4)", kl_on_tiny, core("kl4_ldm.safetensors"), 4, encode_too=False)
+    results["hybrid kl decoder encode (vs core taesd)"] = {"encode": (encode(kl_on_tiny, pixels) - encode(core("taesd"), pixels)).abs().max().item()}
+
     # TAEF2: no core reference can load it; the reference is madebyollin's math in training.taesd
     taef2_out = ours_tiny("taef2 (bundled)")
     taef2 = taef2_out.result[0]
