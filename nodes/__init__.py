@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .finetune_steps import DecoderFinetuneSteps
 from .host import register_model_folders
 from .load_tiny_autoencoder import LoadTinyAutoencoder
 from .load_vae_decoder import LoadVAEDecoder
 from .oklab_loss import OklabLoss
+from .save_finetuned_vae import SaveFinetunedVAE
 
-NODES: list[type[io.ComfyNode]] = [LoadVAEDecoder, LoadTinyAutoencoder, OklabLoss]
+NODES: list[type[io.ComfyNode]] = [LoadVAEDecoder, LoadTinyAutoencoder, DecoderFinetuneSteps, SaveFinetunedVAE, OklabLoss]
 
 
 class VAELabExtension(ComfyExtension):

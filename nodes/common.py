@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 CATEGORY = "VAE Lab"
+VERSION = "0.1.0"  # keep equal to pyproject.toml (tests check)
 
 
 def summary_ui(text: str, values: dict) -> dict:

@@ -12,10 +12,12 @@ import torch
 from ..training import perceptual
 
 LPIPS_FOLDER = "lpips"
+DECODERS_FOLDER = "vae_decoders"
 
 
 def register_model_folders() -> None:
-    """Adds ``models/lpips`` to ComfyUI's model folders and to LPIPS's offline search path."""
+    """Adds ``models/lpips`` (and LPIPS's offline search path), ``output/vae_approx`` and ``vae_decoders`` to
+    ComfyUI's folders."""
     import folder_paths
 
     default = os.path.join(folder_paths.models_dir, LPIPS_FOLDER)
@@ -24,6 +26,15 @@ def register_model_folders() -> None:
     for folder in folder_paths.get_folder_paths(LPIPS_FOLDER):
         if folder not in perceptual.SEARCH_DIRS:
             perceptual.SEARCH_DIRS.append(folder)
+    # finetuned TAESD-family decoders ComfyUI cannot build are saved as madebyollin pairs in output/vae_approx;
+    # decoder-only kl files in models|output/vae_decoders, where core Load VAE does not look
+    output = folder_paths.get_output_directory()
+    if os.path.join(output, "vae_approx") not in folder_paths.get_folder_paths("vae_approx"):
+        folder_paths.add_model_folder_path("vae_approx", os.path.join(output, "vae_approx"))
+    if DECODERS_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[DECODERS_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, DECODERS_FOLDER), os.path.join(output, DECODERS_FOLDER)],
+            set(folder_paths.supported_pt_extensions))
 
 
 def images01_from_comfy(image: torch.Tensor, name: str) -> torch.Tensor:
@@ -58,3 +69,23 @@ def matching_batches(a: torch.Tensor, b: torch.Tensor, name_a: str, name_b: str)
                 "or one image to compare against every image of the other."
             )
     return a, b
+
+
+def images_from_comfy_batch(image: torch.Tensor, name: str) -> list:
+    """ComfyUI IMAGE (B, H, W, C) -> list of float32 (H, W, 3) numpy arrays in [0, 1]."""
+    pixels = images01_from_comfy(image, name).clamp(0, 1)
+    return [p.permute(1, 2, 0).numpy().copy() for p in pixels]
+
+
+def training_device() -> torch.device:
+    """Where ComfyUI runs models (its --cpu / device choice is honoured)."""
+    import comfy.model_management
+
+    return comfy.model_management.get_torch_device()
+
+
+def output_folder(kind: str) -> str:
+    """``output/<kind>``: where VAE Lab writes files of that kind."""
+    import folder_paths
+
+    return os.path.join(folder_paths.get_output_directory(), kind)

@@ -190,3 +190,67 @@ def assemble(decoder: VaeWeights, *, base_vae=None, base: VaeWeights | None = No
     pairing = pair_with_base(decoder, base, base_latent_channels, use_base_encoder, allow_merge)
     vae, how = vae_from_pairing(pairing, latent_scale, latent_shift, base_vae)
     return vae, pairing.notes + [how]
+
+
+# ----------------------------------------------------------------------------------------------
+# taking a VAE apart for training, and putting it back together
+
+
+def weights_or_refusal(vae, purpose: str) -> VaeWeights:
+    """The VAE's canonical weights, or an error that names its family and what ``purpose`` accepts."""
+    try:
+        return weights_from_state_dict(weights_of(vae), "the connected VAE")
+    except VaeFileError as exc:
+        raise VaeFileError(f"{purpose} works on kl-f8 (SD/SDXL/SD3/FLUX.1) and TAESD-family VAEs: {exc}") from exc
+
+
+def latent_scale_shift(vae, weights: VaeWeights) -> tuple[float, float]:
+    """The latent scale/shift a TAESD-family VAE applies (1, 0 for kl-f8)."""
+    if weights.family != TINY:
+        return 1.0, 0.0
+    if weights.detected.latent_scale is not None:
+        return weights.detected.latent_scale, weights.detected.latent_shift
+    for module in vae.first_stage_model.modules():
+        if hasattr(module, "latent_scale") and hasattr(module, "latent_shift"):
+            return float(module.latent_scale), float(module.latent_shift)
+    return 1.0, 0.0
+
+
+def trainable_decoder(vae, purpose: str = "Decoder finetuning"):
+    """(our decoder-only module holding a copy of the VAE's decoding half, family, scale, shift).
+    The VAE itself is never touched."""
+    weights = weights_or_refusal(vae, purpose)
+    _, decoder_half = layouts.split_parts(weights.detected)
+    scale, shift = latent_scale_shift(vae, weights)
+    with torch.inference_mode(False):
+        model = build_autoencoder(weights.family, {k: v.detach().clone() for k, v in decoder_half.items()}, scale, shift)
+    return model, weights.family, scale, shift
+
+
+def host_encoder(vae):
+    """images01 (B, 3, H, W) -> raw latents through the VAE's own (frozen) encoder, as VAEEncode does."""
+    def encode(images01: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            latents = vae.encode(images01.detach().movedim(1, -1).cpu())
+        return latents.clone()  # a normal tensor: training happens outside inference mode
+
+    return encode
+
+
+def vae_with_decoder(vae, family: str, decoder_tensors: dict[str, torch.Tensor], latent_scale: float = 1.0,
+                     latent_shift: float = 0.0):
+    """A new VAE: ``vae``'s encoder with ``decoder_tensors`` (canonical keys) as its decoding half."""
+    weights = weights_or_refusal(vae, "Replacing a decoder")
+    if weights.family == family and weights.detected.has_encoder:
+        encoder_half, _ = layouts.split_parts(weights.detected)
+        merged = {**encoder_half, **decoder_tensors}
+        if family == KL:
+            return native_kl_vae(merged, "the finetuned VAE")
+        return tiny_vae(merged, latent_scale, latent_shift)[0]
+    decoder_side = HostConvention(build_autoencoder(family, decoder_tensors, latent_scale, latent_shift))
+    return _with_module(vae, HybridAutoencoder(_encoder_side(vae), decoder_side))
+
+
+def host_builds(vae) -> bool:
+    """Whether the VAE runs ComfyUI's own module (so core Load VAE can rebuild it from its weights)."""
+    return not isinstance(vae.first_stage_model, (HostConvention, HybridAutoencoder))

@@ -54,7 +54,8 @@ def _latent_space(choice: str, latent_space: str, decoder, channels: int) -> tae
         variant = LATENT_SPACES[latent_space]
     else:
         det = decoder.detected
-        variant = (taesd.variant_from_scale(det.latent_scale, det.latent_shift) if det.latent_scale is not None else None) \
+        recorded = taesd.VARIANTS.get(decoder.metadata.get("vae_lab.variant", ""))  # written by Save Finetuned VAE
+        variant = recorded or (taesd.variant_from_scale(det.latent_scale, det.latent_shift) if det.latent_scale is not None else None) \
             or taesd.variant_from_name(decoder.source) or taesd.variant_from_name(choice)
         if variant is None and det.midblock_groupnorm:
             variant = taesd.VARIANTS["taef2"]
@@ -133,6 +134,7 @@ class LoadTinyAutoencoder(io.ComfyNode):
         variant = _latent_space(name, latent_space, decoder, decoder.detected.latent_channels)
         vae, notes = assemble(decoder, base_vae=base_vae, use_base_encoder=encoder == "from base",
                               latent_scale=variant.latent_scale, latent_shift=variant.latent_shift)
+        vae.vae_lab_source = {"file": name, "path": files[-1][0], "variant": variant.name}
         lines += [f"latent space {variant.latent_space}: scale {variant.latent_scale:g}, shift {variant.latent_shift:g}",
                   "VAE: " + "; ".join(notes)]
         info = "\n".join(lines)

@@ -6,22 +6,46 @@ from ..training.layouts import KL
 from ..training.vae_files import VaeFileError, describe_weights, open_vae_file
 from .common import CATEGORY, summary_ui
 from .common import file_stamps as _file_stamps
+from .host import DECODERS_FOLDER
 from .host_vae import assemble
 
 NO_BASE = "(none)"
 ENCODER_CHOICES = ["from this file", "from base"]
 
 
+FOLDERS = ("vae", DECODERS_FOLDER)
+
+
 def _vae_files() -> list[str]:
+    """models/vae (+ output/vae) and the decoder-only folder models|output/vae_decoders."""
     import folder_paths
 
-    return folder_paths.get_filename_list("vae")
+    names = []
+    for kind in FOLDERS:
+        if kind in folder_paths.folder_names_and_paths:
+            names += [n for n in folder_paths.get_filename_list(kind) if n not in names]
+    return names
 
 
-def _vae_path(name: str) -> str:
+def _vae_path(name: str) -> str | None:
     import folder_paths
 
-    return folder_paths.get_full_path_or_raise("vae", name)
+    for kind in FOLDERS:
+        if kind in folder_paths.folder_names_and_paths and (path := folder_paths.get_full_path(kind, name)):
+            return path
+    return None
+
+
+def _vae_path_or_raise(name: str) -> str:
+    path = _vae_path(name)
+    if path is None:
+        raise FileNotFoundError(f"Load VAE Decoder: {name!r} is not in models/vae or models/vae_decoders any more; "
+                                "refresh (press R) and pick again")
+    return path
+
+
+def _licence(metadata: dict[str, str]) -> str | None:
+    return next((v for k, v in metadata.items() if "licen" in k.lower()), None)
 
 
 class LoadVAEDecoder(io.ComfyNode):
@@ -65,29 +89,28 @@ class LoadVAEDecoder(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, vae_name, encoder, base_file, base_vae=None):
         """Reload when a chosen file changes on disk (e.g. a finetune saved again under the same name)."""
-        import folder_paths
-
-        return _file_stamps([folder_paths.get_full_path("vae", name) for name in (vae_name, base_file) if name != NO_BASE])
+        return _file_stamps([_vae_path(name) for name in (vae_name, base_file) if name != NO_BASE])
 
     @classmethod
     def execute(cls, vae_name, encoder, base_file, base_vae=None) -> io.NodeOutput:
         if base_file != NO_BASE and base_vae is not None:
             raise ValueError("Load VAE Decoder: both base_file and base_vae are set; set base_file to (none) or "
                              "disconnect base_vae")
-        decoder = open_vae_file(_vae_path(vae_name))
+        decoder = open_vae_file(_vae_path_or_raise(vae_name))
         if decoder.family != KL:
             raise VaeFileError(f"{vae_name}: this is a {decoder.detected.family_name} file, not a kl-f8 VAE; "
                                "load it with Load Tiny Autoencoder")
         lines = describe_weights(decoder)
         base = None
         if base_file != NO_BASE:
-            base = open_vae_file(_vae_path(base_file))
+            base = open_vae_file(_vae_path_or_raise(base_file))
             if base.family != KL:
                 raise VaeFileError(f"base_file {base_file}: a {base.detected.family_name} file; base_file takes a kl VAE. "
                                    "For another family's encoder, load it and connect it as base_vae")
             lines += describe_weights(base)
         vae, notes = assemble(decoder, base_vae=base_vae, base=base, use_base_encoder=encoder == "from base")
         lines += ["VAE: " + "; ".join(notes)]
+        vae.vae_lab_source = {"file": vae_name, "path": _vae_path(vae_name), "licence": _licence(decoder.metadata)}
         info = "\n".join(lines)
         values = {
             "family": decoder.detected.family_name,

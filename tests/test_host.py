@@ -146,10 +146,73 @@ def check_load_vae_decoder_sdxl(entry, prompt, server):
     assert np.array_equal(_preview(server, entry, preview), _preview(server, core_entry, preview))
 
 
+def _taef2():
+    from training.taesd import load_tiny_autoencoder
+
+    taef2_dir = os.path.join(ROOT, "assets", "taef2")
+    return load_tiny_autoencoder(os.path.join(taef2_dir, "taef2_encoder.pth"), os.path.join(taef2_dir, "taef2_decoder.pth")).eval()
+
+
+def check_finetune_decoder_on_folder(entry, prompt, server):
+    """The finetuned VAE decodes example.png differently from the base, the numbers are on the node, and the saved
+    madebyollin pair holds exactly the decoder that decoded the preview; Load Tiny Autoencoder lists it at once."""
+    import torch
+    from safetensors.torch import load_file
+
+    from training.taesd import TinyAutoencoder
+
+    tune = _node(prompt, "VAELab_DecoderFinetuneSteps")
+    values = entry["outputs"][tune]["vae_lab"][0]
+    assert values["step"] == prompt[tune]["inputs"]["steps"] and values["recipe"] == "furception-nolpips"
+    assert "LPIPS" in values["fallback_note"]  # no LPIPS weights on the test host: the fallback is said
+    assert values["held_out"]["psnr"] > 20 and values["base"]["psnr"] > 20
+    assert "held-out" in entry["outputs"][tune]["text"][0]
+    files = entry["outputs"][_node(prompt, "VAELab_SaveFinetunedVAE")]["vae_lab"][0]["files"]
+    assert [os.path.basename(f).rsplit("_", 1)[-1] for f in files] == ["encoder.safetensors", "decoder.safetensors"]
+    encoder, decoder = (load_file(f) for f in files)
+    tuned = TinyAutoencoder.from_canonical({**{"encoder." + k: v for k, v in encoder.items()},
+                                            **{"decoder." + k: v for k, v in decoder.items()}}).eval()
+    base = _taef2()
+    original = np.asarray(Image.open(os.path.join(server.base, "input", "example.png")).convert("RGB"), dtype=np.float32) / 255
+    x = torch.from_numpy(original).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        latents = base.encode(x)
+        expected = tuned.decode(latents).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+        before = base.decode(latents).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    decoded_preview = next(k for k, v in prompt.items() if v["class_type"] == "PreviewImage"
+                           and prompt[v["inputs"]["images"][0]]["class_type"] == "VAEDecode")
+    preview = _preview(server, entry, decoded_preview).astype(int)
+    assert np.abs(preview - (expected * 255).astype(int)).max() <= 1
+    assert np.abs(preview - (before * 255).astype(int)).max() > 3  # the decoder did change
+    stem = os.path.basename(files[1])[: -len("_decoder.safetensors")]
+    spec = server.get("/object_info/VAELab_LoadTinyAutoencoder")["VAELab_LoadTinyAutoencoder"]["input"]["required"]["name"]
+    options = spec[0] if isinstance(spec[0], list) else spec[1]["options"]  # V3 combos: ["COMBO", {"options": [...]}]
+    assert stem in options
+
+
+def check_continue_training(entry, prompt, server):
+    """Two chained 20-step nodes give exactly what one 40-step node gives."""
+    nodes = [k for k, v in prompt.items() if v["class_type"] == "VAELab_DecoderFinetuneSteps"]
+    second = next(k for k in nodes if "training_state" in prompt[k]["inputs"])
+    first = prompt[second]["inputs"]["training_state"][0]
+    assert entry["outputs"][second]["vae_lab"][0]["step"] == 40
+    single = json.loads(json.dumps(prompt))
+    single[second]["inputs"].pop("training_state")
+    single[second]["inputs"]["vae"] = prompt[first]["inputs"]["vae"]
+    single[second]["inputs"]["steps"] = 40
+    single_entry = server.run_prompt(single)
+    preview = next(k for k, v in prompt.items() if v["class_type"] == "PreviewImage"
+                   and prompt[v["inputs"]["images"][0]]["class_type"] == "VAEDecode")
+    assert np.array_equal(_preview(server, entry, preview), _preview(server, single_entry, preview))
+    assert single_entry["outputs"][second]["vae_lab"][0]["held_out"] == entry["outputs"][second]["vae_lab"][0]["held_out"]
+
+
 CHECKS = {
     "oklab_loss_palette": check_oklab_loss_palette,
     "load_tiny_autoencoder_taef2": check_load_tiny_autoencoder_taef2,
     "load_vae_decoder_sdxl": check_load_vae_decoder_sdxl,
+    "finetune_decoder_on_folder": check_finetune_decoder_on_folder,
+    "continue_training": check_continue_training,
 }
 #: Files a workflow needs that only a user's download can supply; tests put random weights in their place.
 PREPARE = {"load_vae_decoder_sdxl": prepare_load_vae_decoder_sdxl}
@@ -177,3 +240,54 @@ def test_oklab_loss_names_the_input_and_the_fix_on_a_size_mismatch(server):
     error = server.run_prompt(prompt, expect_error=True)
     assert error["node_type"] == "VAELab_OklabLoss"
     assert "image is 96x64 but reference is 768x768" in error["exception_message"] and "resize or crop" in error["exception_message"]
+
+
+def test_a_finetuned_kl_vae_is_saved_listed_by_core_and_decodes_like_the_graph(server):
+    """Full-size kl-f8 (random weights): one step, saved with a decoder-only copy; core Load VAE lists the full file
+    without a restart and decodes exactly as the finetuned VAE did; the input VAE is unchanged; metadata is complete."""
+    from safetensors import safe_open
+
+    prepare_load_vae_decoder_sdxl(server)
+    prompt = {
+        "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "area", "width": 128, "height": 128, "crop": "disabled"}},
+        "3": {"class_type": "VAELab_LoadVAEDecoder", "inputs": {"vae_name": "sdxl_vae.safetensors", "encoder": "from this file", "base_file": "(none)"}},
+        "4": {"class_type": "VAELab_DecoderFinetuneSteps", "inputs": {
+            "vae": ["3", 0], "images": ["2", 0], "folder": "", "recipe": "furception", "steps": 1, "batch_size": 1, "crop_size": 64,
+            "learning_rate": 0.0, "seed": 0, "held_out_fraction": 0.0, "output_weights": "raw", "gradient_checkpointing": True}},
+        "5": {"class_type": "VAELab_SaveFinetunedVAE", "inputs": {"vae": ["4", 0], "filename_prefix": "vae/kl_test", "decoder_only_too": True}},
+        "6": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["3", 0]}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["4", 0]}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
+        "9": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["3", 0]}},
+        "10": {"class_type": "PreviewImage", "inputs": {"images": ["9", 0]}},
+    }
+    entry = server.run_prompt(prompt, timeout=900)
+    files = entry["outputs"]["5"]["vae_lab"][0]["files"]
+    full, decoder_only = files
+    assert os.path.dirname(full).endswith(os.path.join("output", "vae")) and "vae_decoders" in decoder_only
+    listed = server.get("/object_info/VAELoader")["VAELoader"]["input"]["required"]["vae_name"][0]
+    assert os.path.basename(full) in listed and os.path.basename(decoder_only) not in listed
+    with safe_open(full, "pt") as f:
+        meta = f.metadata()
+    assert meta["vae_lab.base_file"] == "sdxl_vae.safetensors" and len(meta["vae_lab.base_sha256"]) == 64
+    assert json.loads(meta["vae_lab.recipe"])["name"] == "furception-nolpips" and meta["vae_lab.steps"] == "1"
+    core = {"1": prompt["1"], "2": prompt["2"], "3": prompt["3"], "6": prompt["6"],
+            "11": {"class_type": "VAELoader", "inputs": {"vae_name": os.path.basename(full)}},
+            "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["11", 0]}},
+            "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}}}
+    core_entry = server.run_prompt(core, timeout=900)
+    finetuned = _preview(server, entry, "8")
+    assert np.array_equal(finetuned, _preview(server, core_entry, "8"))
+    assert not np.array_equal(finetuned, _preview(server, entry, "10"))  # the decoder changed
+    # ... and the input VAE did not: the cached VAE object node 3 handed to the finetune still decodes like a fresh core
+    # load (VAEDecodeTiled: a node that has not run before, so nothing comes from the output cache)
+    tiled = {"tile_size": 512, "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}
+    after = {k: prompt[k] for k in ("1", "2", "3", "6")}
+    after.update({"20": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["6", 0], "vae": ["3", 0], **tiled}},
+                  "21": {"class_type": "PreviewImage", "inputs": {"images": ["20", 0]}},
+                  "22": {"class_type": "VAELoader", "inputs": {"vae_name": "sdxl_vae.safetensors"}},
+                  "23": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["6", 0], "vae": ["22", 0], **tiled}},
+                  "24": {"class_type": "PreviewImage", "inputs": {"images": ["23", 0]}}})
+    after_entry = server.run_prompt(after, timeout=900)
+    assert np.array_equal(_preview(server, after_entry, "21"), _preview(server, after_entry, "24"))

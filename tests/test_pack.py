@@ -34,6 +34,8 @@ def node_schemas() -> list[dict]:
                     item_kw = {k.arg: k.value for k in item.keywords}
                     name = item.args[0].value if item.args and isinstance(item.args[0], ast.Constant) else "?"
                     inputs.append({"name": name, "tooltip": "tooltip" in item_kw})
+            outputs = [item.args[0].value for item in getattr(kw.get("outputs"), "elts", [])
+                       if isinstance(item, ast.Call) and item.args and isinstance(item.args[0], ast.Constant)]
             schemas.append({
                 "file": os.path.basename(path),
                 "node_id": kw["node_id"].value,
@@ -41,6 +43,7 @@ def node_schemas() -> list[dict]:
                 "description": "description" in kw,
                 "display_name": "display_name" in kw,
                 "inputs": inputs,
+                "outputs": outputs,
             })
     return schemas
 
@@ -51,6 +54,8 @@ def test_every_node_schema_is_complete():
     for schema in schemas:
         assert schema["node_id"].startswith("VAELab_"), schema["node_id"]
         assert schema["category"] == "CATEGORY", f"{schema['node_id']}: category must be the shared CATEGORY ('VAE Lab')"
+        ids = [i["name"] for i in schema["inputs"]] + schema["outputs"]
+        assert len(ids) == len(set(ids)), f"{schema['node_id']}: input and output ids must be unique (the host refuses the node)"
         assert schema["description"] and schema["display_name"], schema["node_id"]
         for item in schema["inputs"]:
             assert item["tooltip"], f"{schema['node_id']}.{item['name']} has no tooltip"
@@ -102,6 +107,8 @@ def test_packaging_metadata():
     meta = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))
     project, comfy = meta["project"], meta["tool"]["comfy"]
     assert project["name"] == "vae-lab" and re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+    with open(os.path.join(ROOT, "nodes", "common.py")) as f:
+        assert f'VERSION = "{project["version"]}"' in f.read(), "nodes/common.py VERSION (written into saved files) != pyproject"
     assert set(project["dependencies"]) == {"torch", "safetensors", "numpy", "pillow", "lpips", "einops"}
     assert "Repository" in project["urls"]
     assert comfy["DisplayName"] == "VAE Lab" and comfy["PublisherId"] and comfy["Icon"]

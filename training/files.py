@@ -69,3 +69,37 @@ def safetensors_keys(path: str | os.PathLike) -> list[str]:
     except (OSError, ValueError, struct.error):
         return []
     return [k for k in header if k != "__metadata__"]
+
+
+def save_safetensors_atomic(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> str:
+    """Writes a safetensors file so that ``path`` is either the old file or the complete new one, never a
+    torn write (a temporary file in the same folder, fsynced, then renamed). Non-finite tensors are refused."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise WeightFileError(f"{os.path.basename(path)}: not written: non-finite values in {bad[:3]}")
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    temporary = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, temporary,
+                  metadata={k: str(v) for k, v in (metadata or {}).items()})
+        with open(temporary, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+    return path
+
+
+def sha256_of_file(path: str | os.PathLike) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -62,3 +62,43 @@ def save_png(image: torch.Tensor, path: str) -> None:
 
     array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
     Image.fromarray(array).save(path)
+
+
+PLOT_COLOURS = [(240, 170, 60), (90, 170, 240), (150, 220, 120), (230, 100, 120)]
+
+
+def line_plot(series: dict[str, list[tuple[float, float]]], title: str = "", width: int = 640, height: int = 320,
+              log_y: bool = False) -> torch.Tensor:
+    """A small line chart: ``series`` maps a name to (x, y) points; -> (3, H, W) in [0, 1]. Each series is
+    scaled to its own y range (labelled in the legend), so a loss and a PSNR can share one picture."""
+    import math
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (width, height), (28, 28, 30))
+    draw = ImageDraw.Draw(canvas)
+    left, top, right, bottom = 8, 22, width - 8, height - 8 - 14 * max(1, len(series))
+    draw.rectangle((left, top, right, bottom), outline=(80, 80, 84))
+    draw.text((left, 5), title, fill=(230, 230, 230))
+    all_x = [x for points in series.values() for x, _ in points]
+    x_low, x_high = (min(all_x), max(all_x)) if all_x else (0.0, 1.0)
+    for i, (name, points) in enumerate(series.items()):
+        colour = PLOT_COLOURS[i % len(PLOT_COLOURS)]
+        finite = [(x, math.log10(y) if log_y else y) for x, y in points if math.isfinite(y) and (y > 0 or not log_y)]
+        legend = name
+        if finite:
+            ys = [y for _, y in finite]
+            y_low, y_high = min(ys), max(ys)
+            span_x, span_y = max(x_high - x_low, 1e-9), max(y_high - y_low, 1e-12)
+            coords = [(left + (x - x_low) / span_x * (right - left), bottom - (y - y_low) / span_y * (bottom - top))
+                      for x, y in finite]
+            if len(coords) == 1:
+                cx, cy = coords[0]
+                draw.ellipse((cx - 2, cy - 2, cx + 2, cy + 2), fill=colour)
+            else:
+                draw.line(coords, fill=colour, width=2)
+            shown = (lambda v: f"{10 ** v:.4g}") if log_y else (lambda v: f"{v:.4g}")
+            legend = f"{name}: {shown(finite[0][1])} → {shown(finite[-1][1])}  (range {shown(y_low)}–{shown(y_high)})"
+        draw.text((left, bottom + 4 + 14 * i), legend, fill=colour)
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255).permute(2, 0, 1)

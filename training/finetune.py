@@ -1,0 +1,496 @@
+"""Decoder finetuning: the encoder is frozen, the decoder learns the user's images.
+
+One loop, read top to bottom in ``DecoderFinetune.train_step``: decode cached latents, reconstruction loss
+(Oklab or RGB, MAE<->MSE mix on a schedule, optional LPIPS and detail-energy terms), the PatchGAN critic's
+verdict weighted adaptively, an AdamW step with warm-up and clipping, EMA; then one critic step. Every
+schedule and every batch is a function of the global step, so a run split into pieces (a
+``TrainingState`` handed from one call to the next) gives the same weights as one run.
+
+Models are this pack's own (``training.klf8.KlAutoencoder``, ``training.taesd.TinyAutoencoder``); what is
+trained is the decoding half only (``layouts.is_decoder_key``: the decoder, plus ``post_quant_conv`` for
+SD/SDXL). Images are in [0, 1]; the losses see the output clamped to [0, 1], as a user sees it, so the
+pretrained decoder's harmless overshoot is not "corrected" into lifted blacks.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import gan, layouts, losses, metrics
+from .ema import EMA, batch_scaled_decay
+from .klf8 import KlAutoencoder
+from .latent_cache import LatentCache
+from .recipes import Recipe
+from .taesd import TinyAutoencoder
+
+STATE_FORMAT = "vae_lab.training_state"
+STATE_VERSION = 1
+
+
+class FinetuneError(ValueError):
+    """A finetune that cannot run as asked; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    batch_size: int = 4
+    crop_size: int = 128
+    seed: int = 0
+    crops_per_image: int = 48
+    eval_every: int = 0  # held-out evaluation every N steps (0: at the end of each call only)
+    eval_size: int = 256  # held-out images: Lanczos short side to this, centre crop
+    gradient_checkpointing: bool = False
+    channels_last: bool | None = None  # None: on CUDA only
+    posthoc_ema: bool = False  # keep EDM2 power-function EMA snapshots
+    posthoc_snapshots: int = 16  # at most this many per power EMA (older ones thinned out)
+    cache_bytes: int = 1 << 30
+
+
+def family_of(model: nn.Module) -> str:
+    if isinstance(model, KlAutoencoder):
+        return layouts.KL
+    if isinstance(model, TinyAutoencoder):
+        return layouts.TINY
+    raise FinetuneError(f"cannot finetune a {type(model).__name__}: VAE Lab trains kl-f8 (SD/SDXL/SD3/FLUX.1) "
+                        "and TAESD-family decoders")
+
+
+def decoder_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The trainable half, by canonical key: decoder (+ post_quant_conv for kl)."""
+    family = family_of(model)
+    return {name: p for name, p in model.named_parameters() if layouts.is_decoder_key(family, name)}
+
+
+def last_decoder_layer(model: nn.Module) -> torch.Tensor:
+    """W of LDM's adaptive weight: the decoder's final conv."""
+    if isinstance(model, KlAutoencoder):
+        return model.decoder.conv_out.weight
+    return model.decoder[-1].weight
+
+
+# ----------------------------------------------------------------------------------------------
+# losses
+
+
+def mse_mix_at(recipe: Recipe, step: int) -> float:
+    """Share of MSE in the MAE<->MSE mix: cosine from start to end over ``mse_mix_steps``."""
+    t = min(1.0, step / max(1, recipe.mse_mix_steps))
+    return recipe.mse_mix_end + (recipe.mse_mix_start - recipe.mse_mix_end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def pixel_loss(out01: torch.Tensor, target01: torch.Tensor, recipe: Recipe, step: int) -> torch.Tensor:
+    mix = mse_mix_at(recipe, step)
+    if recipe.pixel_space == "oklab":
+        return losses.oklab_loss(out01, target01, mse_mix=mix, channel_weights=recipe.oklab_weights, mse_scale=recipe.mse_scale)
+    diff = (out01 - target01) * 2  # LDM's losses are on [-1, 1] images
+    return (1 - mix) * diff.abs().mean() + mix * diff.pow(2).mean()
+
+
+def detail_loss(out01: torch.Tensor, reference_energy: torch.Tensor) -> torch.Tensor:
+    """Squared log-ratio of each image's high-frequency energy (``metrics.high_frequency_energy``, what the
+    detail ratio measures) to a reference energy per image.
+
+    Pixel losses reach their optimum by blurring what the decoder cannot place exactly; this term makes
+    blurring cost as much as inventing detail, so PSNR has to come from getting things right. The default
+    reference is the decoder's own output before training, not the target: on Lanczos-downscaled training
+    crops a good pretrained decoder sits at ~0.95 of the target's energy, and pushing it to 1.0 there
+    over-sharpens everything else (held-out detail ratio 1.04 -> 1.13 in bench/efficacy.py)."""
+    energy_out = metrics.high_frequency_energy(out01)
+    return torch.log((energy_out + 1e-6) / (reference_energy.to(energy_out) + 1e-6)).pow(2).mean()
+
+
+def quantize_straight_through(images01: torch.Tensor) -> torch.Tensor:
+    """8-bit values forward, identity gradient backward."""
+    return images01 + ((images01 * 255).round() / 255 - images01).detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# the run
+
+
+@dataclass
+class HeldOut:
+    """Held-out images (never trained on), their latents from the frozen encoder, and the names."""
+
+    images01: torch.Tensor
+    latents: torch.Tensor
+    names: list[str]
+
+
+def encode_held_out(images: list[np.ndarray], names: list[str], encode: Callable, size: int) -> HeldOut | None:
+    from .data import center_crop, to_tensor
+
+    if not images:
+        return None
+    crops = to_tensor([center_crop(image, size) for image in images])
+    with torch.no_grad():
+        latents = torch.cat([encode(crops[i:i + 1]).float().cpu() for i in range(crops.shape[0])])
+    return HeldOut(crops, latents, list(names))
+
+
+class DecoderFinetune:
+    """A finetuning run on one decoder. ``model`` is modified in place; ``state`` continues a run."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, config: FinetuneConfig, cache: LatentCache,
+                 held_out: HeldOut | None = None, lpips: nn.Module | None = None, state: dict | None = None,
+                 device: str | torch.device = "cpu"):
+        self.family = family_of(model)
+        if recipe.uses_lpips and lpips is None:
+            raise FinetuneError(f"recipe {recipe.name} needs an LPIPS module")
+        self.device = torch.device(device)
+        self.recipe, self.config = recipe, config
+        self.cache, self.held_out, self.lpips = cache, held_out, lpips
+        self.model = model.to(self.device)
+        self.model.requires_grad_(False)
+        self.params = decoder_parameters(model)
+        for p in self.params.values():
+            p.requires_grad_(True)
+        self.last_layer = last_decoder_layer(model)
+        channels_last = self.device.type == "cuda" if config.channels_last is None else config.channels_last
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        if config.gradient_checkpointing:
+            enable_gradient_checkpointing(self.model)
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=recipe.lr, betas=(recipe.beta1, recipe.beta2),
+                                           weight_decay=recipe.weight_decay)
+        self.critic = None
+        if recipe.gan_weight > 0:
+            torch.manual_seed(config.seed)
+            self.critic = gan.PatchDiscriminator(norm=recipe.disc_norm).to(self.device)
+            self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=recipe.disc_lr, betas=(0.5, 0.9),
+                                                      weight_decay=0.0)
+        decoder_module = _DecoderView(self.model, self.params)
+        self.ema = EMA(decoder_module, batch_scaled_decay(recipe.ema_decay, config.batch_size, recipe.ema_batch))
+        self.posthoc = PowerEmaSnapshots(self.params, config.posthoc_snapshots) if config.posthoc_ema else None
+        self.step = 0
+        self.images_seen = 0
+        self.history: list[dict] = []
+        self.evaluations: list[dict] = []
+        self.base_evaluation: dict | None = None
+        self.skipped_steps = 0
+        self.notes: list[str] = []
+        if recipe.detail_weight > 0 and recipe.detail_reference == "base":
+            known = state.get("reference_energy") if state and state.get("data_fingerprint") == cache.fingerprint else None
+            if state is not None and known is None:
+                self.notes.append("different training images than the run being continued: detail reference "
+                                  "recomputed with the connected VAE's decoder")
+            with torch.no_grad():
+                cache.set_reference(lambda z: self.model.decode(z.to(self.device)), known)
+        if state is not None:
+            self.load_state(state)
+        elif held_out is not None:
+            self.base_evaluation = self.evaluate(use_ema=False, label="base")
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    def lr_at(self, step: int) -> float:
+        warm = self.recipe.warmup_steps
+        return self.recipe.lr * (min(1.0, (step + 1) / warm) if warm > 0 else 1.0)
+
+    def train_step(self) -> dict:
+        recipe, step = self.recipe, self.step
+        latents, targets = self.cache.batch(step, self.config.batch_size)
+        latents, targets = latents.to(self.device), targets.to(self.device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.lr_at(step)
+        generator = torch.Generator(device="cpu").manual_seed((self.config.seed * 1_000_003 + step) % (2**63))
+
+        with self._autocast():
+            out = self.model.decode(latents)
+        out01 = out.float().clamp(0, 1)
+        rec = pixel_loss(out01, targets, recipe, step)
+        logs = {"pixel": float(rec.detach())}
+        if recipe.lpips_weight > 0:
+            perceptual = self.lpips(out01, targets).mean()
+            rec = rec + recipe.lpips_weight * perceptual
+            logs["lpips"] = float(perceptual.detach())
+        if recipe.detail_weight > 0:
+            if recipe.detail_reference == "base":
+                reference = self.cache.reference_energies(step, self.config.batch_size)
+            else:
+                reference = metrics.high_frequency_energy(targets)
+            detail = detail_loss(out01, reference)
+            rec = rec + recipe.detail_weight * detail
+            logs["detail"] = float(detail.detach())
+        loss = rec
+        fakes = quantize_straight_through(out01) if recipe.quantize_fakes else out01
+        if self.critic is not None and step >= recipe.gan_start:
+            self.critic.requires_grad_(False)
+            g_loss = gan.generator_loss(self.critic(fakes), recipe.disc_loss)
+            weight = gan.adaptive_gan_weight(rec, g_loss, self.last_layer, recipe.gan_weight)
+            loss = rec + weight * g_loss
+            logs["gan"], logs["gan_weight"] = float(g_loss.detach()), float(weight)
+        logs["loss"] = float(loss.detach())
+
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            self.skipped_steps += 1
+            logs["skipped"] = True
+        else:
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(self.params.values(), recipe.grad_clip)
+            if torch.isfinite(norm):
+                self.optimizer.step()
+                self.ema.update(_DecoderView(self.model, self.params))
+                if self.posthoc is not None:
+                    self.posthoc.update(step + 1)
+            else:
+                self.skipped_steps += 1
+                logs["skipped"] = True
+        if self.critic is not None and step >= recipe.gan_start - recipe.critic_warmup_steps:
+            logs.update(self._critic_step(targets, out01.detach(), generator))
+        if self.skipped_steps > 20 and self.skipped_steps > 0.2 * (step + 1):
+            raise FinetuneError(f"{self.skipped_steps} of {step + 1} steps gave non-finite losses: lower the learning "
+                                "rate (or train in fp32); nothing non-finite was applied to the weights")
+        self.step += 1
+        self.images_seen += self.config.batch_size
+        logs.update(step=self.step, lr=self.lr_at(step))
+        self.history.append(logs)
+        return logs
+
+    def _critic_step(self, real01: torch.Tensor, fake01: torch.Tensor, generator: torch.Generator) -> dict:
+        recipe = self.recipe
+        self.critic.requires_grad_(True)
+        fake = (fake01 * 255).round() / 255 if recipe.quantize_fakes else fake01
+        real_logits, fake_logits = self.critic(real01), self.critic(fake)
+        if recipe.disc_loss == "wasserstein":
+            d_loss = gan.wasserstein_discriminator_loss(real_logits, fake_logits)
+        elif recipe.disc_loss == "hinge":
+            d_loss = gan.hinge_discriminator_loss(real_logits, fake_logits)
+        else:
+            d_loss = gan.softplus_discriminator_loss(real_logits, fake_logits)
+        alpha = torch.rand(real01.shape[0], 1, 1, 1, generator=generator).to(real01.device)
+        mixed = (alpha * real01 + (1 - alpha) * fake).detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(self.critic(mixed).sum(), mixed, create_graph=True)
+        penalty = recipe.gp_weight * (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+        total = d_loss + penalty
+        self.critic_optimizer.zero_grad(set_to_none=True)
+        if torch.isfinite(total):
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(self.critic.parameters(), 10.0)
+            self.critic_optimizer.step()
+        return {"critic": float(d_loss.detach()), "gp": float(penalty.detach())}
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+    def run(self, steps: int, on_step: Callable[[dict], None] | None = None,
+            should_stop: Callable[[], bool] | None = None) -> None:
+        """Train ``steps`` more steps (held-out evaluation every ``eval_every`` and at the end)."""
+        self.model.train()
+        end = self.step + steps
+        while self.step < end:
+            if should_stop is not None and should_stop():
+                break
+            logs = self.train_step()
+            if on_step is not None:
+                on_step(logs)
+            if self.held_out is not None and self.config.eval_every and self.step % self.config.eval_every == 0 and self.step < end:
+                self.evaluate()
+        if self.held_out is not None and (not self.evaluations or self.evaluations[-1]["step"] != self.step):
+            self.evaluate()
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def decode_with(self, latents: torch.Tensor, use_ema: bool) -> torch.Tensor:
+        saved = None
+        if use_ema:
+            saved = {k: p.detach().clone() for k, p in self.params.items()}
+            self.ema.copy_to(_DecoderView(self.model, self.params))
+        self.model.eval()
+        try:
+            with self._autocast():
+                outs = [self.model.decode(latents[i:i + 1].to(self.device)).float().clamp(0, 1).cpu()
+                        for i in range(latents.shape[0])]
+        finally:
+            if saved is not None:
+                for k, p in self.params.items():
+                    p.copy_(saved[k])
+            self.model.train()
+        return torch.cat(outs)
+
+    def evaluate(self, use_ema: bool = True, label: str = "ema") -> dict:
+        out = self.decode_with(self.held_out.latents, use_ema)
+        per_image = metrics.reconstruction_metrics(out, self.held_out.images01,
+                                                   {self.recipe.lpips_net: self.lpips} if self.lpips is not None else None)
+        result = {"step": self.step, "weights": label, **{k: float(np.nanmean(v.numpy())) for k, v in per_image.items()}}
+        if label != "base":
+            self.evaluations.append(result)
+        return result
+
+    # -- weights and state ------------------------------------------------------------------------
+
+    def decoder_tensors(self, use_ema: bool = True) -> dict[str, torch.Tensor]:
+        """Canonical-key fp32 CPU tensors of the trained half (EMA by default); never non-finite."""
+        source = self.ema.shadow if use_ema else {k: p.detach() for k, p in self.params.items()}
+        tensors = {k: v.detach().float().cpu().clone() for k, v in source.items()}
+        bad = [k for k, v in tensors.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise FinetuneError(f"non-finite values in {bad[:3]}: refusing to hand them out")
+        return tensors
+
+    def state_dict(self) -> dict:
+        """A self-contained, versioned copy on the CPU (never shares storage with the live run)."""
+        state = {
+            "format": STATE_FORMAT, "version": STATE_VERSION,
+            "family": self.family, "recipe": self.recipe.as_dict(), "config": asdict(self.config),
+            "step": self.step, "images_seen": self.images_seen, "skipped_steps": self.skipped_steps,
+            "decoder": self.decoder_tensors(use_ema=False),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "history": list(self.history), "evaluations": list(self.evaluations), "base_evaluation": self.base_evaluation,
+            "data_fingerprint": self.cache.fingerprint, "reference_energy": dict(self.cache.reference_energy),
+        }
+        if self.critic is not None:
+            state["critic"] = {k: v.detach().cpu().clone() for k, v in self.critic.state_dict().items()}
+            state["critic_optimizer"] = self.critic_optimizer.state_dict()
+        if self.posthoc is not None:
+            state["posthoc"] = self.posthoc.state_dict()
+        return _cpu_copy(state)
+
+    def load_state(self, state: dict) -> None:
+        check_state(state, self.family, self.params)
+        with torch.no_grad():
+            for k, p in self.params.items():
+                p.copy_(state["decoder"][k].to(p.dtype))
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(copy.deepcopy(state["optimizer"]))
+        for group in self.optimizer.param_groups:  # the recipe of this call rules (a changed lr is honoured)
+            group["betas"] = (self.recipe.beta1, self.recipe.beta2)
+            group["weight_decay"] = self.recipe.weight_decay
+        if self.critic is not None and "critic" in state:
+            self.critic.load_state_dict(state["critic"])
+            self.critic_optimizer.load_state_dict(copy.deepcopy(state["critic_optimizer"]))
+        if self.posthoc is not None and "posthoc" in state:
+            self.posthoc.load_state_dict(state["posthoc"])
+        self.step, self.images_seen = state["step"], state["images_seen"]
+        self.skipped_steps = state.get("skipped_steps", 0)
+        self.history, self.evaluations = list(state["history"]), list(state["evaluations"])
+        self.base_evaluation = state.get("base_evaluation")
+
+
+def check_state(state: dict, family: str, params: dict[str, torch.Tensor]) -> None:
+    if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+        raise FinetuneError("training_state: not a VAE Lab training state")
+    if state.get("version") != STATE_VERSION:
+        raise FinetuneError(f"training_state: version {state.get('version')} is not supported by this VAE Lab "
+                            f"(expects {STATE_VERSION}); start a new run")
+    if state["family"] != family or set(state["decoder"]) != set(params):
+        raise FinetuneError("training_state belongs to a different decoder (another family or architecture); "
+                            "connect the VAE it was trained from, or start a new run")
+    wrong = [k for k, p in params.items() if state["decoder"][k].shape != p.shape]
+    if wrong:
+        raise FinetuneError(f"training_state's decoder shapes differ from this VAE's ({wrong[0]}); connect the VAE it "
+                            "was trained from")
+
+
+def _cpu_copy(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cpu_copy(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_cpu_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
+class _DecoderView(nn.Module):
+    """Presents just the trainable parameters (canonical names) to EMA."""
+
+    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter]):
+        super().__init__()
+        self._params = params
+
+    def named_parameters(self, *args, **kwargs):
+        return iter(self._params.items())
+
+    def named_buffers(self, *args, **kwargs):
+        return iter(())
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each decoder block's activations in the backward pass (less memory, ~30 % more compute).
+    Patches instance ``forward``s, so parameter names (and saved files) are unchanged."""
+    from torch.utils.checkpoint import checkpoint
+
+    from .klf8 import ResnetBlock
+    from .taesd import Block
+
+    for module in model.decoder.modules():
+        if isinstance(module, (ResnetBlock, Block)) and not getattr(module, "_checkpointed", False):
+            forward = module.forward
+            module.forward = lambda x, forward=forward: checkpoint(forward, x, use_reentrant=False)
+            module._checkpointed = True
+
+
+# ----------------------------------------------------------------------------------------------
+# post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models")
+
+
+POWER_EMA_SIGMA_RELS = (0.05, 0.10)
+
+
+def sigma_rel_to_gamma(sigma_rel: float) -> float:
+    """EDM2 eq. (3): the power-function exponent whose EMA has relative width ``sigma_rel``."""
+    t = sigma_rel ** -2
+    return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
+
+
+class PowerEmaSnapshots:
+    """Two power-function EMAs (beta_t = (1 - 1/t)^(gamma + 1)) and count-bounded fp16 snapshots of
+    both, from which any EMA length can be reconstructed after training (least squares over the
+    snapshots' profiles; see the comparison nodes). When a list is full, every other snapshot is
+    dropped and the interval doubles, so snapshots stay evenly spread over the whole run."""
+
+    def __init__(self, params: dict[str, nn.Parameter], max_snapshots: int = 16, interval: int = 8):
+        self.params = params
+        self.gammas = [sigma_rel_to_gamma(s) for s in POWER_EMA_SIGMA_RELS]
+        self.averages = [{k: p.detach().float().clone() for k, p in params.items()} for _ in self.gammas]
+        self.max_snapshots, self.interval = max_snapshots, interval
+        self.snapshots: list[dict] = []  # {"step", "gamma", "tensors"}
+
+    @torch.no_grad()
+    def update(self, t: int) -> None:
+        for gamma, average in zip(self.gammas, self.averages):
+            beta = (1 - 1 / t) ** (gamma + 1) if t > 1 else 0.0
+            for k, p in self.params.items():
+                average[k].lerp_(p.detach().float(), 1 - beta)
+        if t % self.interval == 0:
+            for gamma, average in zip(self.gammas, self.averages):
+                self.snapshots.append({"step": t, "gamma": gamma, "tensors": {k: v.half().clone() for k, v in average.items()}})
+            if len(self.snapshots) > 2 * self.max_snapshots:
+                kept = sorted({s["step"] for s in self.snapshots})[1::2]
+                self.snapshots = [s for s in self.snapshots if s["step"] in kept]
+                self.interval *= 2
+
+    def state_dict(self) -> dict:
+        return {"gammas": list(self.gammas), "interval": self.interval, "max_snapshots": self.max_snapshots,
+                "averages": [{k: v.clone() for k, v in a.items()} for a in self.averages],
+                "snapshots": [{**s, "tensors": dict(s["tensors"])} for s in self.snapshots]}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gammas, self.interval = list(state["gammas"]), state["interval"]
+        self.max_snapshots = state["max_snapshots"]
+        for average, saved in zip(self.averages, state["averages"]):
+            for k, v in saved.items():
+                average[k].copy_(v)
+        self.snapshots = [{**s, "tensors": dict(s["tensors"])} for s in state["snapshots"]]
+
+
+def recipe_with(recipe: Recipe, **overrides) -> Recipe:
+    """The recipe with some fields replaced (unknown names are an error that lists the valid ones)."""
+    try:
+        return replace(recipe, **overrides)
+    except TypeError as exc:
+        raise FinetuneError(f"unknown recipe field: {exc}; fields are {', '.join(recipe.as_dict())}") from exc
