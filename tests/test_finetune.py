@@ -172,3 +172,26 @@ def test_gradient_checkpointing_gives_the_same_step():
     a, b = plain.decoder_tensors(False), checkpointed.decoder_tensors(False)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert set(model.state_dict()) == set(taef2_model().state_dict())  # names unchanged by the patching
+
+
+def test_lpips_recipes_train_through_the_lpips_package(tmp_path):
+    """ft-mse's LPIPS branch end to end, with a random VGG16 backbone in torchvision's file layout standing in
+    for the real weights (which cannot be downloaded here)."""
+    import torchvision
+
+    from training import perceptual
+
+    torch.manual_seed(0)
+    path = tmp_path / "vgg16-397923af.pth"
+    torch.save(torchvision.models.vgg16(weights=None).state_dict(), path)
+    lpips = perceptual.Lpips("vgg", backbone_path=str(path))
+    model = taef2_model()
+    before = {k: v.clone() for k, v in finetune.decoder_parameters(model).items()}
+    config = finetune.FinetuneConfig(batch_size=1, crop_size=64, crops_per_image=2)
+    with LatentCache(photos(), 64, 2, 0, model.encode) as cache:
+        run = finetune.DecoderFinetune(model, recipes.RECIPES["ft-mse"], config, cache, None, lpips)
+        run.run(1)
+    assert np.isfinite(run.history[-1]["lpips"]) and run.history[-1]["lpips"] > 0
+    assert all(not torch.equal(p, before[k]) for k, p in finetune.decoder_parameters(model).items())
+    with pytest.raises(finetune.FinetuneError, match="needs an LPIPS module"):
+        finetune.DecoderFinetune(taef2_model(), recipes.RECIPES["ft-ema"], config, cache, None, None)

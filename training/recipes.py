@@ -70,7 +70,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         "Furception without LPIPS (needs no downloaded weights): Oklab MAE→MSE mix, LayerNorm PatchGAN "
         "(Wasserstein + gradient penalty, adaptive weight 0.5), detail-energy term, EMA",
         pixel_space="oklab", mse_mix_start=0.1, mse_mix_end=0.4, mse_mix_steps=2000,
-        gan_weight=0.5, detail_weight=1.0,
+        gan_weight=0.5, detail_weight=0.3,
     ),
     Recipe(
         "ft-mse",
