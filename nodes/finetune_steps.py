@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 
 from comfy_api.latest import io
@@ -161,6 +162,8 @@ class DecoderFinetuneSteps(io.ComfyNode):
                              "held_out_fraction or add images")
         lpips = perceptual.lpips_if_available(recipes.RECIPES[recipe].lpips_net) if recipes.RECIPES[recipe].uses_lpips else None
         chosen, note = recipes.resolve_recipe(recipe, lpips is not None)
+        if note:
+            logging.warning("VAE Lab Decoder Finetune Steps: %s", note)
         if learning_rate > 0:
             chosen = finetune.recipe_with(chosen, lr=learning_rate)
         config = finetune.FinetuneConfig(batch_size=batch_size, crop_size=crop_size, seed=seed,
