@@ -258,17 +258,8 @@ class DecoderFinetune:
         recipe = self.recipe
         self.critic.requires_grad_(True)
         fake = (fake01 * 255).round() / 255 if recipe.quantize_fakes else fake01
-        real_logits, fake_logits = self.critic(real01), self.critic(fake)
-        if recipe.disc_loss == "wasserstein":
-            d_loss = gan.wasserstein_discriminator_loss(real_logits, fake_logits)
-        elif recipe.disc_loss == "hinge":
-            d_loss = gan.hinge_discriminator_loss(real_logits, fake_logits)
-        else:
-            d_loss = gan.softplus_discriminator_loss(real_logits, fake_logits)
-        alpha = torch.rand(real01.shape[0], 1, 1, 1, generator=generator).to(real01.device)
-        mixed = (alpha * real01 + (1 - alpha) * fake).detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(self.critic(mixed).sum(), mixed, create_graph=True)
-        penalty = recipe.gp_weight * (grad.flatten(1).norm(dim=1) - 1).pow(2).mean()
+        d_loss = gan.discriminator_loss(self.critic(real01), self.critic(fake), recipe.disc_loss)
+        penalty = gan.gradient_penalty(self.critic, real01, fake, recipe.gp_weight, generator)
         total = d_loss + penalty
         self.critic_optimizer.zero_grad(set_to_none=True)
         if torch.isfinite(total):

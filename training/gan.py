@@ -87,6 +87,15 @@ def wasserstein_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch
     return fake_logits.mean() - real_logits.mean() + drift * real_logits.pow(2).mean()
 
 
+def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str) -> torch.Tensor:
+    """The critic's loss by name: 'hinge', 'softplus' or 'wasserstein'."""
+    losses = {"hinge": hinge_discriminator_loss, "softplus": softplus_discriminator_loss,
+              "wasserstein": wasserstein_discriminator_loss}
+    if kind not in losses:
+        raise ValueError(f"GAN loss must be hinge, softplus or wasserstein, not {kind!r}")
+    return losses[kind](real_logits, fake_logits)
+
+
 def generator_loss(fake_logits: torch.Tensor, kind: str) -> torch.Tensor:
     """The generator's side: -E[D(fake)] for hinge and Wasserstein, softplus(-D(fake)) for softplus."""
     if kind in ("hinge", "wasserstein"):
@@ -103,9 +112,15 @@ def _input_gradient_norms(critic: nn.Module, inputs: torch.Tensor) -> torch.Tens
     return grad.flatten(1).norm(dim=1)
 
 
-def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, weight: float = 10.0) -> torch.Tensor:
-    """WGAN-GP (Gulrajani et al. 2017): ``weight * E[(||∇D(x̂)|| - 1)^2]`` at per-sample random mixes x̂."""
-    alpha = torch.rand(real.shape[0], *([1] * (real.ndim - 1)), device=real.device, dtype=real.dtype)
+def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, weight: float = 10.0,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): ``weight * E[(||∇D(x̂)|| - 1)^2]`` at per-sample random mixes x̂.
+    ``generator`` (a CPU generator) makes the mixes reproducible."""
+    shape = (real.shape[0], *([1] * (real.ndim - 1)))
+    if generator is None:
+        alpha = torch.rand(shape, device=real.device, dtype=real.dtype)
+    else:
+        alpha = torch.rand(shape, generator=generator).to(real)
     mixed = alpha * real.detach() + (1 - alpha) * fake.detach()
     return weight * (_input_gradient_norms(critic, mixed) - 1).pow(2).mean()
 
