@@ -88,8 +88,8 @@ def main() -> None:
     overrides = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
     rows = []
     for name in args.recipes.split(","):
-        resolved, _ = recipes.resolve_recipe(name, True) if name in recipes.RECIPES else (None, None)
-        lpips_found = resolved is not None and perceptual.lpips_if_available(resolved.lpips_net) is not None
+        resolved = recipes.RECIPES.get(name)
+        lpips_found = resolved is not None and perceptual.find_backbone_file(resolved.lpips_net) is not None
         fallback = recipes.FALLBACK_RECIPE if name == "furception" and not lpips_found else None
         if fallback and fallback in args.recipes.split(","):
             rows.append({"recipe": name, "error": f"no LPIPS weights: runs as {fallback} (its row)"})

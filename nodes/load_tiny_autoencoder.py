@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import functools
 import os
 
 from comfy_api.latest import io
@@ -26,6 +27,18 @@ ENCODER_CHOICES = ["from this file", "from base"]
 TINY_KEY_PREFIXES = ("taesd_decoder.", "taesd_encoder.", "decoder.layers.", "encoder.layers.", "model.decoder.1.", "decoder.1.")
 
 
+def _stat(path: str) -> tuple[int, int]:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=1024)
+def _header_keys(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
+    """A safetensors file's tensor names, read once per version of the file (the list is rebuilt on every
+    /object_info, every run and every cache check)."""
+    return tuple(safetensors_keys(path))
+
+
 def _choices() -> dict[str, list[tuple[str, str | None]]]:
     """Combo entry -> [(path, part hint)]: the bundled TAEF2, encoder/decoder pairs and single files in
     models/vae_approx (madebyollin's names), and TAESD-family safetensors in models/vae."""
@@ -44,7 +57,7 @@ def _choices() -> dict[str, list[tuple[str, str | None]]]:
     for name in folder_paths.get_filename_list("vae"):
         path = folder_paths.get_full_path("vae", name)
         if name not in choices and name.lower().endswith(".safetensors") and path and any(
-                k.startswith(TINY_KEY_PREFIXES) for k in safetensors_keys(path)):
+                k.startswith(TINY_KEY_PREFIXES) for k in _header_keys(path, *_stat(path))):
             choices[name] = [(path, None)]
     return choices
 

@@ -119,10 +119,7 @@ class SaveFinetunedVAE(io.ComfyNode):
             # e.g. TAEF2 on a ComfyUI that cannot build it: madebyollin's pair, where Load Tiny Autoencoder lists it
             approx_folder = os.path.join(output_dir, "vae_approx")
             full_approx, stem_approx, *_ = folder_paths.get_save_image_path(os.path.basename(filename_prefix), approx_folder)
-            counter = 1
-            while os.path.exists(os.path.join(full_approx, f"{stem_approx}_{counter:05}_decoder.safetensors")):
-                counter += 1
-            base = os.path.join(full_approx, f"{stem_approx}_{counter:05}")
+            base = _next_path(full_approx, stem_approx, "decoder.safetensors")[: -len("_decoder.safetensors")]
             variant = (getattr(vae, "vae_lab_source", None) or {}).get("variant")
             if variant:
                 metadata["vae_lab.variant"] = variant
