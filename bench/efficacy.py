@@ -47,12 +47,13 @@ def run(recipe_name: str, minutes: float, args, overrides: dict) -> dict:
     lpips = perceptual.lpips_if_available(recipes.RECIPES[recipe_name].lpips_net)
     recipe, note = recipes.resolve_recipe(recipe_name, lpips is not None)
     recipe = finetune.recipe_with(recipe, **overrides)
-    config = finetune.FinetuneConfig(batch_size=args.batch, crop_size=args.crop, seed=args.seed)
+    config = finetune.FinetuneConfig(batch_size=args.batch, crop_size=args.crop, seed=args.seed,
+                                     crops_per_image=args.crops_per_image)
     held_out = finetune.encode_held_out(held, held_names, model.encode, 256)
     with finetune.LatentCache(train, config.crop_size, config.crops_per_image, config.seed, model.encode) as cache:
         run_ = finetune.DecoderFinetune(model, recipe, config, cache, held_out, lpips if recipe.uses_lpips else None)
         start = time.perf_counter()
-        while time.perf_counter() - start < minutes * 60:
+        while (run_.step < args.steps) if args.steps else (time.perf_counter() - start < minutes * 60):
             run_.train_step()
             if args.eval_every and run_.step % args.eval_every == 0:
                 run_.evaluate()
@@ -77,6 +78,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--crops-per-image", type=int, default=finetune.FinetuneConfig.crops_per_image,
+                        help="size of the fixed crop pool per training image")
+    parser.add_argument("--steps", type=int, default=0, help="stop after this many steps instead of --minutes")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--set", action="append", default=[], help="override a recipe field, e.g. --set lr=1e-5")
     parser.add_argument("--held-out", default=",".join(HELD_OUT),

@@ -9,8 +9,10 @@ from .load_tiny_autoencoder import LoadTinyAutoencoder
 from .load_vae_decoder import LoadVAEDecoder
 from .oklab_loss import OklabLoss
 from .save_finetuned_vae import SaveFinetunedVAE
+from .stable_cascade import LoadStageA, StableCascadeDecode
 
-NODES: list[type[io.ComfyNode]] = [LoadVAEDecoder, LoadTinyAutoencoder, DecoderFinetuneSteps, SaveFinetunedVAE, OklabLoss]
+NODES: list[type[io.ComfyNode]] = [LoadVAEDecoder, LoadTinyAutoencoder, LoadStageA, DecoderFinetuneSteps, SaveFinetunedVAE,
+                                   StableCascadeDecode, OklabLoss]
 
 
 class VAELabExtension(ComfyExtension):

@@ -1,6 +1,9 @@
 """What every VAE Lab node shares."""
 from __future__ import annotations
 
+import functools
+import os
+
 CATEGORY = "VAE Lab"
 VERSION = "0.1.0"  # keep equal to pyproject.toml (tests check)
 
@@ -13,8 +16,6 @@ def summary_ui(text: str, values: dict) -> dict:
 
 def file_stamps(paths) -> list:
     """(path, size, mtime) of each file: a cache key that changes when a file is replaced."""
-    import os
-
     stamps = []
     for path in paths:
         try:
@@ -23,3 +24,20 @@ def file_stamps(paths) -> list:
         except (OSError, TypeError):
             stamps.append((path, None, None))
     return stamps
+
+
+@functools.lru_cache(maxsize=1024)
+def _header_keys(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
+    from ..training.files import safetensors_keys
+
+    return tuple(safetensors_keys(path))
+
+
+def header_keys(path: str) -> tuple[str, ...]:
+    """A safetensors file's tensor names, read once per version of the file (combo lists are rebuilt on
+    every /object_info, every run and every cache check); () when unreadable."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return ()
+    return _header_keys(path, stat.st_size, stat.st_mtime_ns)

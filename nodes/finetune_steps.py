@@ -65,7 +65,7 @@ def loss_curve(run: finetune.DecoderFinetune):
 
 
 def summary_text(run: finetune.DecoderFinetune, note: str | None, source: str, weights: str) -> tuple[str, dict]:
-    family = {"kl": "kl-f8", "tiny": "TAESD-family"}.get(run.family, run.family)
+    family = {"kl": "kl-f8", "tiny": "TAESD-family", "stage_a": "Stable Cascade stage A"}.get(run.family, run.family)
     lines = [(f"{run.recipe.name} on a {family} decoder: step {run.step} ({run.images_seen} crops seen), "
               f"output {weights} weights")]
     if note:
@@ -102,7 +102,7 @@ class DecoderFinetuneSteps(io.ComfyNode):
                 "Finetunes a VAE's decoder on your images (the encoder stays frozen) for a number of steps, inside "
                 "the graph, and outputs the finetuned VAE for any VAE input. Chain it with its training_state to "
                 "continue: two chained nodes give exactly what one node with the summed steps gives. Works on "
-                "kl-f8 (SD/SDXL/SD3/FLUX.1) and TAESD-family decoders."
+                "kl-f8 (SD/SDXL/SD3/FLUX.1), TAESD-family and Stable Cascade stage A decoders."
             ),
             inputs=[
                 io.Vae.Input("vae", tooltip="The VAE whose decoder is trained. It is copied, never changed."),

@@ -22,7 +22,7 @@ from torch import nn
 
 from ..training import layouts
 from ..training.klf8 import config_from_state_dict
-from ..training.layouts import KL, TINY
+from ..training.layouts import KL, STAGE_A, TINY
 from ..training.vae_files import (
     Pairing,
     VaeFileError,
@@ -108,11 +108,13 @@ def check_host_can_build_kl(tensors: dict[str, torch.Tensor], source: str) -> No
             "kl-f4, so it cannot run this file")
 
 
-def native_kl_vae(tensors: dict[str, torch.Tensor], source: str):
-    check_host_can_build_kl(tensors, source)
+def native_vae(family: str, tensors: dict[str, torch.Tensor], source: str):
+    """A kl or stage A VAE built by the host itself, checked to hold exactly ``tensors``."""
+    if family == KL:
+        check_host_can_build_kl(tensors, source)
     vae = _host_vae(tensors)
     if not _holds_exactly(vae.first_stage_model, tensors):
-        raise VaeFileError(f"{source}: ComfyUI built a kl VAE whose tensors differ from the file's; "
+        raise VaeFileError(f"{source}: ComfyUI built a VAE whose tensors differ from the file's; "
                            "please report this file's layout to VAE Lab")
     return vae
 
@@ -146,11 +148,14 @@ def vae_from_pairing(pairing: Pairing, latent_scale: float = 1.0, latent_shift: 
     """
     decoder = pairing.decoder
     if pairing.merged_tensors is not None:
-        if decoder.family == KL:
-            return native_kl_vae(pairing.merged_tensors, decoder.source), "built by ComfyUI"
+        if decoder.family in (KL, STAGE_A):
+            return native_vae(decoder.family, pairing.merged_tensors, decoder.source), "built by ComfyUI"
         return tiny_vae(pairing.merged_tensors, latent_scale, latent_shift)
     if base_vae is None:
         raise VaeFileError(f"{decoder.source}: a hybrid needs the base as a ComfyUI VAE")
+    if decoder.family == STAGE_A:
+        raise VaeFileError(f"{decoder.source}: a Stable Cascade stage A decoder pairs only with a stage A encoder; "
+                           "connect a stage A VAE as the base")
     _, decoder_half = layouts.split_parts(decoder.detected)
     if decoder.family == KL:
         check_host_can_build_kl(decoder_half, decoder.source)
@@ -201,7 +206,8 @@ def weights_or_refusal(vae, purpose: str) -> VaeWeights:
     try:
         return weights_from_state_dict(weights_of(vae), "the connected VAE")
     except VaeFileError as exc:
-        raise VaeFileError(f"{purpose} works on kl-f8 (SD/SDXL/SD3/FLUX.1) and TAESD-family VAEs: {exc}") from exc
+        raise VaeFileError(f"{purpose} works on kl-f8 (SD/SDXL/SD3/FLUX.1), TAESD-family and Stable Cascade stage A "
+                           f"VAEs: {exc}") from exc
 
 
 def latent_scale_shift(vae, weights: VaeWeights) -> tuple[float, float]:
@@ -244,9 +250,11 @@ def vae_with_decoder(vae, family: str, decoder_tensors: dict[str, torch.Tensor],
     if weights.family == family and weights.detected.has_encoder:
         encoder_half, _ = layouts.split_parts(weights.detected)
         merged = {**encoder_half, **decoder_tensors}
-        if family == KL:
-            return native_kl_vae(merged, "the finetuned VAE")
+        if family in (KL, STAGE_A):
+            return native_vae(family, merged, "the finetuned VAE")
         return tiny_vae(merged, latent_scale, latent_shift)[0]
+    if family == STAGE_A:
+        raise VaeFileError("a stage A decoder needs a stage A VAE's encoder")
     decoder_side = HostConvention(build_autoencoder(family, decoder_tensors, latent_scale, latent_shift))
     return _with_module(vae, HybridAutoencoder(_encoder_side(vae), decoder_side))
 

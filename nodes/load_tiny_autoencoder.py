@@ -1,12 +1,10 @@
 from __future__ import annotations
 
-import functools
 import os
 
 from comfy_api.latest import io
 
 from ..training import taesd
-from ..training.files import safetensors_keys
 from ..training.layouts import TINY
 from ..training.vae_files import (
     VaeFileError,
@@ -14,7 +12,7 @@ from ..training.vae_files import (
     join_files,
     open_vae_file,
 )
-from .common import CATEGORY, summary_ui
+from .common import CATEGORY, header_keys, summary_ui
 from .common import file_stamps as _file_stamps
 from .host_vae import assemble
 
@@ -25,18 +23,6 @@ AUTO = "auto"
 LATENT_SPACES = {f"{v.latent_space} ({v.name})": v for v in taesd.VARIANTS.values()}
 ENCODER_CHOICES = ["from this file", "from base"]
 TINY_KEY_PREFIXES = ("taesd_decoder.", "taesd_encoder.", "decoder.layers.", "encoder.layers.", "model.decoder.1.", "decoder.1.")
-
-
-def _stat(path: str) -> tuple[int, int]:
-    stat = os.stat(path)
-    return stat.st_size, stat.st_mtime_ns
-
-
-@functools.lru_cache(maxsize=1024)
-def _header_keys(path: str, size: int, mtime_ns: int) -> tuple[str, ...]:
-    """A safetensors file's tensor names, read once per version of the file (the list is rebuilt on every
-    /object_info, every run and every cache check)."""
-    return tuple(safetensors_keys(path))
 
 
 def _choices() -> dict[str, list[tuple[str, str | None]]]:
@@ -57,7 +43,7 @@ def _choices() -> dict[str, list[tuple[str, str | None]]]:
     for name in folder_paths.get_filename_list("vae"):
         path = folder_paths.get_full_path("vae", name)
         if name not in choices and name.lower().endswith(".safetensors") and path and any(
-                k.startswith(TINY_KEY_PREFIXES) for k in _header_keys(path, *_stat(path))):
+                k.startswith(TINY_KEY_PREFIXES) for k in header_keys(path)):
             choices[name] = [(path, None)]
     return choices
 

@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ..training import layouts
 from ..training.files import save_safetensors_atomic, sha256_of_file
-from ..training.layouts import KL
+from ..training.layouts import KL, STAGE_A
 from .common import CATEGORY, VERSION, summary_ui
 from .finetune_steps import TrainingState
 from .host_vae import host_builds, latent_scale_shift, weights_or_refusal
@@ -59,7 +59,7 @@ def _decoder_only_path(output_dir: str, family: str, filename_prefix: str) -> st
     encoder without a word): output/vae_decoders for kl, output/vae_approx (madebyollin's naming) for TAESD."""
     import folder_paths
 
-    kind = "vae_decoders" if family == KL else "vae_approx"
+    kind = "vae_decoders" if family in (KL, STAGE_A) else "vae_approx"
     folder, stem, *_ = folder_paths.get_save_image_path(os.path.basename(filename_prefix), os.path.join(output_dir, kind))
     return _next_path(folder, stem, "decoder.safetensors")
 
@@ -109,8 +109,8 @@ class SaveFinetunedVAE(io.ComfyNode):
             metadata["vae_lab.note"] = "decoder only: its encoder came from another VAE (a hybrid)"
             written.append(save_safetensors_atomic(_decoder_file_tensors(weights.family, decoder_half),
                                                    _decoder_only_path(output_dir, weights.family, filename_prefix), metadata))
-        elif weights.family == KL or host_builds(vae):
-            tensors = weights.tensors if weights.family == KL else layouts.comfy_from_tiny(weights.tensors, scale, shift)
+        elif weights.family in (KL, STAGE_A) or host_builds(vae):
+            tensors = weights.tensors if weights.family in (KL, STAGE_A) else layouts.comfy_from_tiny(weights.tensors, scale, shift)
             written.append(save_safetensors_atomic(tensors, _next_path(full_folder, stem, ".safetensors"), metadata))
             if decoder_only_too:
                 written.append(save_safetensors_atomic(_decoder_file_tensors(weights.family, decoder_half),
@@ -132,6 +132,6 @@ class SaveFinetunedVAE(io.ComfyNode):
 
 
 def _decoder_file_tensors(family: str, decoder_half: dict) -> dict:
-    if family == KL:
-        return decoder_half  # decoder.* + post_quant_conv.*: what Load VAE Decoder pairs with a base
+    if family in (KL, STAGE_A):
+        return decoder_half  # decoder.* + post_quant_conv.* (up_blocks.* + out_block.*): Load VAE Decoder pairs it with a base
     return {k[len("decoder."):]: v for k, v in decoder_half.items()}  # a madebyollin *_decoder file

@@ -154,3 +154,17 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
                         values.pop(0)
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+def cascade_files() -> dict[str, str]:
+    """Random-weight Stable Cascade files (stage-B-lite checkpoint with stage A, stage A, effnet), made once per
+    machine by ComfyUI's own Python (tests/host_scripts/cascade_files.py) under ``$VAE_LAB_TEST_CACHE`` (default
+    ~/.cache/vae_lab_tests; 1.6 GB). Name -> path."""
+    comfy = comfyui_dir()
+    cache = os.environ.get("VAE_LAB_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vae_lab_tests"))
+    script = os.path.join(ROOT, "tests", "host_scripts", "cascade_files.py")
+    result = subprocess.run([comfyui_python(comfy), script, comfy, cache], cwd=comfy, capture_output=True, text=True,
+                            timeout=900, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(f"cascade_files.py failed:\n{result.stderr[-4000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])

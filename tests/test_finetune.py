@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from training import finetune, klf8, recipes, taesd
+from training import finetune, klf8, recipes, stage_a, taesd
 from training.latent_cache import LatentCache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,11 +36,16 @@ def run_of(model, recipe_name="furception-nolpips", steps=1, batch=1, crop=64, s
     return run
 
 
-@pytest.mark.parametrize("family", ["kl-4ch", "kl-16ch", "taef2"])
+@pytest.mark.parametrize("family", ["kl-4ch", "kl-16ch", "taef2", "stage-a"])
 def test_each_family_trains_only_its_decoder(family):
     torch.manual_seed(0)
     if family == "taef2":
         model = taef2_model()
+    elif family == "stage-a":
+        model = stage_a.StageAAutoencoder().eval()  # full size, random weights
+        with torch.no_grad():  # a fresh block's gates (gammas) are 0, which would hide its weights from the gradient
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.02)
     else:
         cfg = klf8.KlConfig() if family == "kl-4ch" else klf8.KlConfig(z_channels=16, quant_convs=False)
         model = klf8.KlAutoencoder(cfg).eval()  # full size, the real config, random weights
@@ -51,7 +56,9 @@ def test_each_family_trains_only_its_decoder(family):
     assert np.isfinite(logs["gan"]) and logs["gan_weight"] > 0 and np.isfinite(logs["critic"]) and np.isfinite(logs["gp"])
     after = model.state_dict()
     trainable = finetune.decoder_parameters(model)
-    assert trainable and all(k.startswith(("decoder.", "post_quant_conv.")) for k in trainable)
+    assert trainable and all(k.startswith(("decoder.", "post_quant_conv.", "up_blocks.", "out_block.")) for k in trainable)
+    if family == "stage-a":
+        assert sum(p.numel() for p in trainable.values()) == 15_706_842  # up_blocks + out_block of the release
     if family == "kl-4ch":
         assert "post_quant_conv.weight" in trainable
     unchanged = [k for k in trainable if torch.equal(after[k], before[k])]

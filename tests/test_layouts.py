@@ -160,8 +160,10 @@ def test_shape_mismatches_are_named_precisely(kl_pair):
 def test_quantized_and_foreign_files_are_refused_by_name(tmp_path):
     with pytest.raises(VaeFileError, match=r"q.safetensors: holds float8_e4m3fn tensors.*fp32, fp16 or bf16"):
         weights_from_state_dict({"decoder.1.weight": torch.zeros(64, 4, 3, 3).to(torch.float8_e4m3fn)}, "q.safetensors")
-    with pytest.raises(VaeFileError, match="stage_a.safetensors: this is Stable Cascade stage A"):
-        weights_from_state_dict({"vquantizer.codebook.weight": torch.zeros(8192, 4)}, "stage_a.safetensors")
+    with pytest.raises(VaeFileError, match="stage_b.safetensors: this is a Stable Cascade stage B or C diffusion model"):
+        weights_from_state_dict({"clf.1.weight": torch.zeros(4), "up_blocks.0.0.weight": torch.zeros(4)}, "stage_b.safetensors")
+    with pytest.raises(VaeFileError, match="effnet.safetensors: this is Stable Cascade stage C EfficientNet encoder"):
+        weights_from_state_dict({"backbone.1.0.block.0.1.num_batches_tracked": torch.zeros(())}, "effnet.safetensors")
     with pytest.raises(VaeFileError, match="svd.safetensors: this is Stable Video Diffusion"):
         weights_from_state_dict({"decoder.mid.block_1.mix_factor": torch.zeros(1), "decoder.conv_in.weight": torch.zeros(512, 4, 3, 3)}, "svd.safetensors")
     with pytest.raises(VaeFileError, match=r"lora.safetensors: unknown layout.*first keys: lora_unet_a.alpha, lora_unet_b.alpha"):

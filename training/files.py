@@ -21,8 +21,12 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return read_weight_file(path)[0]
 
 
-def read_weight_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata): safetensors' ``__metadata__`` strings, or {} for torch pickles."""
+def read_weight_file(path: str | os.PathLike, prefix: str = "") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata): safetensors' ``__metadata__`` strings, or {} for torch pickles.
+
+    With ``prefix``, only tensors whose names start with it are read (a safetensors file reads just
+    those bytes: the stage A inside a 4 GB stage-B checkpoint costs ~80 MB; a pickle is memory-mapped).
+    """
     path = os.fspath(path)
     name = os.path.basename(path)
     if not os.path.isfile(path):
@@ -34,13 +38,19 @@ def read_weight_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
 
         try:
             with safe_open(path, framework="pt", device="cpu") as f:
-                return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})  # noqa: SIM118 (safe_open is not iterable)
+                return ({k: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)},  # noqa: SIM118 (not iterable)
+                        dict(f.metadata() or {}))
         except Exception as exc:  # safetensors raises its own error types for truncated/corrupt headers
             raise WeightFileError(f"{name}: not a readable safetensors file ({exc}). Download it again.") from exc
     if not path.lower().endswith(PICKLE_SUFFIXES):
         raise WeightFileError(f"{name}: unknown weight file type; use .safetensors, .pt, .pth, .ckpt or .bin")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # the legacy (non-zip) format cannot be memory-mapped
+            if "mmap" not in str(exc):
+                raise
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise WeightFileError(
             f"{name}: refused: this pickle needs arbitrary code to load ({str(exc).splitlines()[0]}). "
@@ -52,7 +62,18 @@ def read_weight_file(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
         payload = payload["state_dict"]
     if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):
         raise WeightFileError(f"{name}: holds no state dict of tensors")
-    return payload, {}
+    return {k: v for k, v in payload.items() if k.startswith(prefix)}, {}
+
+
+def wrapped_part(keys) -> str:
+    """The prefix of the VAE inside a bigger checkpoint (``first_stage_model.`` of an SD checkpoint,
+    ``vae.`` of a stage-B or FLUX checkpoint), so only that part is read; '' for a plain VAE file."""
+    keys = list(keys)
+    for prefix in ("first_stage_model.", "vae."):
+        inside = sum(k.startswith(prefix) for k in keys)
+        if 0 < inside < len(keys):
+            return prefix
+    return ""
 
 
 def safetensors_keys(path: str | os.PathLike) -> list[str]:

@@ -6,9 +6,10 @@ verdict weighted adaptively, an AdamW step with warm-up and clipping, EMA; then 
 schedule and every batch is a function of the global step, so a run split into pieces (a
 ``TrainingState`` handed from one call to the next) gives the same weights as one run.
 
-Models are this pack's own (``training.klf8.KlAutoencoder``, ``training.taesd.TinyAutoencoder``); what is
-trained is the decoding half only (``layouts.is_decoder_key``: the decoder, plus ``post_quant_conv`` for
-SD/SDXL). Images are in [0, 1]; the losses see the output clamped to [0, 1], as a user sees it, so the
+Models are this pack's own (``training.klf8.KlAutoencoder``, ``training.taesd.TinyAutoencoder``,
+``training.stage_a.StageAAutoencoder``); what is trained is the decoding half only
+(``layouts.is_decoder_key``: the decoder, plus ``post_quant_conv`` for SD/SDXL; ``up_blocks`` +
+``out_block`` for Stable Cascade stage A). Images are in [0, 1]; the losses see the output clamped to [0, 1], as a user sees it, so the
 pretrained decoder's harmless overshoot is not "corrected" into lifted blacks.
 """
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .ema import EMA, batch_scaled_decay
 from .klf8 import KlAutoencoder
 from .latent_cache import LatentCache
 from .recipes import Recipe
+from .stage_a import StageAAutoencoder
 from .taesd import TinyAutoencoder
 
 STATE_FORMAT = "vae_lab.training_state"
@@ -57,8 +59,10 @@ def family_of(model: nn.Module) -> str:
         return layouts.KL
     if isinstance(model, TinyAutoencoder):
         return layouts.TINY
-    raise FinetuneError(f"cannot finetune a {type(model).__name__}: VAE Lab trains kl-f8 (SD/SDXL/SD3/FLUX.1) "
-                        "and TAESD-family decoders")
+    if isinstance(model, StageAAutoencoder):
+        return layouts.STAGE_A
+    raise FinetuneError(f"cannot finetune a {type(model).__name__}: VAE Lab trains kl-f8 (SD/SDXL/SD3/FLUX.1), "
+                        "TAESD-family and Stable Cascade stage A decoders")
 
 
 def decoder_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -71,6 +75,8 @@ def last_decoder_layer(model: nn.Module) -> torch.Tensor:
     """W of LDM's adaptive weight: the decoder's final conv."""
     if isinstance(model, KlAutoencoder):
         return model.decoder.conv_out.weight
+    if isinstance(model, StageAAutoencoder):
+        return model.out_block[0].weight
     return model.decoder[-1].weight
 
 
@@ -416,10 +422,12 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     from torch.utils.checkpoint import checkpoint
 
     from .klf8 import ResnetBlock
+    from .stage_a import MixingBlock
     from .taesd import Block
 
-    for module in model.decoder.modules():
-        if isinstance(module, (ResnetBlock, Block)) and not getattr(module, "_checkpointed", False):
+    decoder = model.up_blocks if isinstance(model, StageAAutoencoder) else model.decoder
+    for module in decoder.modules():
+        if isinstance(module, (ResnetBlock, Block, MixingBlock)) and not getattr(module, "_checkpointed", False):
             forward = module.forward
             module.forward = lambda x, forward=forward: checkpoint(forward, x, use_reentrant=False)
             module._checkpointed = True

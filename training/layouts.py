@@ -12,6 +12,10 @@ other code sees it:
   ``taesd_decoder.`` file (with ``vae_scale`` / ``vae_shift``, as VAESave writes it), or diffusers'
   AutoencoderTiny (``decoder.layers.0`` is madebyollin's ``decoder.1``: diffusers clamps outside
   the Sequential).
+- ``stage_a`` (Stable Cascade / Würstchen v3 stage A, the f4 VQGAN): the release's keys, which are
+  ComfyUI's and ``training.stage_a``'s (``up_blocks.1.gammas``, ``vquantizer.codebook.weight``).
+  Read from the release's ``stage_a.safetensors``, the ``vae.`` part of a stage-B checkpoint, or
+  diffusers' PaellaVQModel (``vquantizer.embedding.weight``).
 
 Wrappers are peeled first: a whole SD checkpoint (``first_stage_model.``), ``vae.``-prefixed
 checkpoints, ``state_dict`` nesting (see ``training.files``), and the ``model.`` / ``decoder_side.``
@@ -26,13 +30,15 @@ import torch
 
 KL = "kl"
 TINY = "tiny"
+STAGE_A = "stage_a"
 
 #: Prefixes that wrap a VAE inside a bigger file; peeled in this order when what is inside is a VAE.
 WRAPPER_PREFIXES = ("first_stage_model.", "vae.", "model.", "autoencoder.", "decoder_side.model.", "decoder_side.", "module.")
 
 #: Families this pack recognises but whose loader lives elsewhere (or nowhere): refused by name.
 FOREIGN_MARKERS = {
-    "vquantizer.codebook.weight": "Stable Cascade stage A (VQGAN)",
+    "clf.1.weight": "a Stable Cascade stage B or C diffusion model (a MODEL: load it with Load Diffusion Model or "
+                    "Load Checkpoint; a stage-B checkpoint carries its stage A in its vae. part)",
     "backbone.1.0.block.0.1.num_batches_tracked": "Stable Cascade stage C EfficientNet encoder",
     "blocks.11.num_batches_tracked": "Stable Cascade stage C previewer",
     "encoder.backbone.1.0.block.0.1.num_batches_tracked": "Stable Cascade stage C encoder+previewer",
@@ -52,7 +58,7 @@ class LayoutError(ValueError):
 class Detected:
     """What a state dict holds, in canonical keys."""
 
-    family: str  # KL or TINY
+    family: str  # KL, TINY or STAGE_A
     layout: str  # the source layout, in words ("LDM", "diffusers", "ComfyUI combined TAESD", ...)
     tensors: dict[str, torch.Tensor]  # canonical keys
     latent_channels: int
@@ -72,6 +78,8 @@ class Detected:
 
     @property
     def family_name(self) -> str:
+        if self.family == STAGE_A:
+            return "Stable Cascade stage A (f4 VQGAN)"
         if self.family == TINY:
             return "TAESD family" + (" (TAEF2 mid-block GroupNorm)" if self.midblock_groupnorm else "")
         return {4: "kl-f8, 4 latent channels (SD 1.x/2.x or SDXL)", 16: "kl-f8, 16 latent channels (SD3 or FLUX.1)"}.get(
@@ -216,8 +224,16 @@ def tiny_part_of(sd: dict[str, torch.Tensor]) -> str | None:
 # detection
 
 
+STAGE_A_PREFIXES = ("in_block.", "down_blocks.", "vquantizer.", "up_blocks.", "out_block.")
+
+
 def _is_vae_like(sd) -> bool:
-    return any(k.startswith(("encoder.", "decoder.", "taesd_encoder.", "taesd_decoder.")) for k in sd) or tiny_part_of(sd) is not None
+    return (any(k.startswith(("encoder.", "decoder.", "taesd_encoder.", "taesd_decoder.")) for k in sd)
+            or tiny_part_of(sd) is not None or _is_stage_a(sd))
+
+
+def _is_stage_a(sd) -> bool:
+    return ("up_blocks.0.0.weight" in sd and "out_block.0.weight" in sd) or "in_block.1.weight" in sd
 
 
 def peel_wrappers(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
@@ -233,7 +249,7 @@ def peel_wrappers(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
 
 def _foreign_family(sd) -> str | None:
     for marker, name in FOREIGN_MARKERS.items():
-        if marker in sd:
+        if marker in sd or f"model.diffusion_model.{marker}" in sd:
             return name
     if "decoder.conv_in.weight" in sd and sd["decoder.conv_in.weight"].shape[1] in (32, 64) and not any(
         k.startswith(("decoder.up.", "decoder.up_blocks.")) for k in sd
@@ -251,9 +267,11 @@ def detect(sd: dict[str, torch.Tensor], part_hint: str | None = None) -> Detecte
     sd, wrapper = peel_wrappers(sd)
     foreign = _foreign_family(sd)
     if foreign:
-        raise LayoutError(f"this is {foreign}, not a kl-f8 or TAESD-family VAE")
+        raise LayoutError(f"this is {foreign}, not a VAE VAE Lab can load here")
 
     keys = set(sd)
+    if _is_stage_a(sd):
+        return _stage_a(sd, wrapper)
     if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.", "decoder.mid_block.")) for k in keys):
         return _kl(ldm_from_diffusers(sd), "diffusers", wrapper)
     if any(k.startswith(("encoder.down.", "decoder.up.", "decoder.mid.", "encoder.mid.")) for k in keys):
@@ -270,7 +288,7 @@ def detect(sd: dict[str, torch.Tensor], part_hint: str | None = None) -> Detecte
     part = tiny_part_of(sd) or (part_hint if sd and all(re.match(r"\d+\.", k) for k in sd) else None)
     if part:
         return _tiny({f"{part}.{k}": v for k, v in sd.items()}, f"madebyollin {part} file", wrapper, sd)
-    raise LayoutError(f"unknown layout: no kl-f8 or TAESD-family keys found; first keys: {_first_keys(sd)}")
+    raise LayoutError(f"unknown layout: no kl-f8, TAESD-family or Stable Cascade stage A keys found; first keys: {_first_keys(sd)}")
 
 
 def _first_keys(keys, n: int = 6) -> str:
@@ -322,12 +340,32 @@ def _tiny(sd: dict[str, torch.Tensor], layout: str, wrapper: str, source: dict) 
     return det
 
 
+def _stage_a(sd: dict[str, torch.Tensor], wrapper: str) -> Detected:
+    layout = "diffusers PaellaVQModel" if "vquantizer.embedding.weight" in sd else "original"
+    sd = {("vquantizer.codebook.weight" if k == "vquantizer.embedding.weight" else k): v for k, v in sd.items()}
+    unknown = [k for k in sd if not k.startswith(STAGE_A_PREFIXES)]
+    if unknown:
+        raise LayoutError(f"{layout} stage A with unrecognised keys: {_first_keys(unknown)}")
+    has_decoder = "up_blocks.0.0.weight" in sd
+    has_encoder = "in_block.1.weight" in sd
+    channels = sd["up_blocks.0.0.weight"].shape[1] if has_decoder else sd["vquantizer.codebook.weight"].shape[1]
+    for key in [k for k in sd if k.endswith(".running_mean")]:  # a counter some exports leave out
+        sd.setdefault(key.replace("running_mean", "num_batches_tracked"), torch.tensor(0, dtype=torch.long))
+    return Detected(STAGE_A, layout, sd, int(channels), has_encoder, has_decoder, wrapper)
+
+
+def stage_a_to_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {("vquantizer.embedding.weight" if k == "vquantizer.codebook.weight" else k): v for k, v in sd.items()}
+
+
 # ----------------------------------------------------------------------------------------------
 # parts
 
 
 def is_decoder_key(family: str, key: str) -> bool:
     """Whether a canonical key belongs to the decoding half (what a decoder finetune changes)."""
+    if family == STAGE_A:
+        return key.startswith(("up_blocks.", "out_block."))
     return key.startswith("decoder.") or (family == KL and key.startswith("post_quant_conv."))
 
 

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 import torch
 
 from . import layouts
-from .files import WeightFileError, read_weight_file
+from .files import WeightFileError, read_weight_file, safetensors_keys, wrapped_part
 from .klf8 import KlAutoencoder, config_from_state_dict
-from .layouts import KL, TINY, Detected, LayoutError
+from .layouts import KL, STAGE_A, TINY, Detected, LayoutError
+from .stage_a import StageAAutoencoder
+from .stage_a import config_from_state_dict as stage_a_config
 from .taesd import TinyAutoencoder
 
 FLOAT_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
@@ -48,7 +50,8 @@ class VaeWeights:
 
     @property
     def dtype(self) -> str:
-        counts = Counter(FLOAT_DTYPES.get(t.dtype, str(t.dtype)) for t in self.tensors.values())
+        counts = Counter(FLOAT_DTYPES.get(t.dtype, str(t.dtype)) for k, t in self.tensors.items()
+                         if not k.endswith("num_batches_tracked"))
         return " + ".join(name for name, _ in counts.most_common())
 
     def parameter_count(self, decoder_half: bool) -> int:
@@ -58,10 +61,14 @@ class VaeWeights:
 def open_vae_file(path: str | os.PathLike, part_hint: str | None = None) -> VaeWeights:
     path = os.fspath(path)
     name = os.path.basename(path)
+    prefix = wrapped_part(safetensors_keys(path)) if path.lower().endswith(".safetensors") else ""
     try:
-        tensors, metadata = read_weight_file(path)
+        tensors, metadata = read_weight_file(path, prefix)
     except WeightFileError as exc:
         raise VaeFileError(str(exc)) from exc
+    if not prefix and not path.lower().endswith(".safetensors"):
+        part = wrapped_part(tensors)
+        tensors = {k: v for k, v in tensors.items() if k.startswith(part)}  # the pickle is memory-mapped
     return weights_from_state_dict(tensors, name, metadata, part_hint)
 
 
@@ -77,7 +84,8 @@ def weights_from_state_dict(sd: dict[str, torch.Tensor], source: str, metadata: 
 
 
 def check_dtypes(tensors: dict[str, torch.Tensor]) -> None:
-    bad = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values() if t.dtype not in FLOAT_DTYPES})
+    bad = sorted({str(t.dtype).replace("torch.", "") for k, t in tensors.items()
+                  if t.dtype not in FLOAT_DTYPES and not k.endswith("num_batches_tracked")})
     if bad:
         raise LayoutError(f"holds {', '.join(bad)} tensors (a quantized or converted file); VAE Lab needs fp32, fp16 "
                           "or bf16 weights: use the original release of this VAE")
@@ -92,6 +100,11 @@ def expected_shapes(det: Detected) -> dict[str, torch.Size]:
             except (KeyError, ValueError) as exc:
                 raise LayoutError(f"{det.layout} kl VAE is incomplete: it lacks {exc}; download it again") from exc
             model = KlAutoencoder(config)
+        elif det.family == STAGE_A:
+            try:
+                model = StageAAutoencoder(stage_a_config(det.tensors))
+            except (KeyError, ValueError) as exc:
+                raise LayoutError(f"{det.layout} stage A is incomplete: it lacks {exc}; download it again") from exc
         else:
             model = TinyAutoencoder(det.latent_channels, det.midblock_groupnorm)
     return {k: v.shape for k, v in model.state_dict().items()}
@@ -171,6 +184,9 @@ def pair_with_base(decoder: VaeWeights, base: VaeWeights | None, base_latent_cha
     if base is not None and not base.detected.has_encoder:
         raise VaeFileError(f"{base.source}: the base holds no encoder either; pick a full VAE as the base")
     notes = [f"encoder from {base_name}"]
+    if base is not None and base.family != det.family and STAGE_A in (base.family, det.family):
+        raise VaeFileError(f"{decoder.source} ({det.family_name}) and {base_name} ({base.detected.family_name}) are "
+                           "different latent spaces; a stage A decoder pairs only with a stage A encoder")
     if base is None or base.family != det.family or not allow_merge:
         return Pairing(decoder, base, None, notes)
     enc_half, _ = layouts.split_parts(base.detected)
@@ -237,4 +253,6 @@ def build_autoencoder(family: str, tensors: dict[str, torch.Tensor], latent_scal
     """Our module for canonical tensors (strict; decoder-only when the encoder half is absent)."""
     if family == KL:
         return KlAutoencoder.from_state_dict(tensors)
+    if family == STAGE_A:
+        return StageAAutoencoder.from_state_dict(tensors)
     return TinyAutoencoder.from_canonical(tensors, latent_scale, latent_shift)
