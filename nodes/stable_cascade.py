@@ -102,7 +102,7 @@ class LoadStageA(io.ComfyNode):
 def _auto_size(c_size: int, compression: int) -> int:
     """Pixel size for a stage-C latent side: c x compression to the nearest multiple of 64 (recovers the
     size Stable Cascade's empty latent was made for: 24 x 42 = 1008 -> 1024)."""
-    return max(64, int(round(c_size * compression / 64)) * 64)
+    return max(64, round(c_size * compression / 64) * 64)
 
 
 def stage_c_from_image(image: torch.Tensor, effnet, compression: int) -> torch.Tensor:

@@ -14,16 +14,24 @@ from test_layouts import _jitter, diffusers
 from training import layouts
 from training.layouts import STAGE_A
 from training.stage_a import StageAAutoencoder, config_from_state_dict
-from training.vae_files import VaeFileError, build_autoencoder, open_vae_file, pair_with_base, weights_from_state_dict
-
-from diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model import PaellaVQModel  # noqa: E402  (after test_layouts' import guard)
+from training.vae_files import (
+    VaeFileError,
+    build_autoencoder,
+    open_vae_file,
+    pair_with_base,
+    weights_from_state_dict,
+)
 
 
 @pytest.fixture(scope="module")
 def paella():
     """(diffusers model, its state dict): the release's architecture, 18.4 M parameters, random weights."""
+    import importlib
+
+    # diffusers itself is imported by test_layouts (behind its guard); the pipeline's VQGAN lives in a submodule
+    paella_vq = importlib.import_module("diffusers.pipelines.deprecated.wuerstchen.modeling_paella_vq_model")
     torch.manual_seed(7)
-    model = _jitter(PaellaVQModel(), 7)
+    model = _jitter(paella_vq.PaellaVQModel(), 7)
     bn = model.down_blocks[-1][1]
     with torch.no_grad():
         bn.running_mean.normal_()

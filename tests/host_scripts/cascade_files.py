@@ -20,8 +20,8 @@ COMFY, CACHE = sys.argv[1], sys.argv[2]
 sys.path.insert(0, COMFY)
 VERSION = "v2"  # bump when the recipe below changes
 
-import torch  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+import torch
+from safetensors.torch import save_file
 
 
 def random_like(shapes: dict, seed: int, dtype=torch.float32, std: float = 0.02) -> dict:

@@ -16,23 +16,26 @@ COMFY, SCRATCH, CHECKPOINT, STAGE_A, EFFNET = sys.argv[1:6]
 PACK = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, COMFY)
 
-from comfy.cli_args import args  # noqa: E402
+from comfy.cli_args import args
 
 args.cpu = True
-import folder_paths  # noqa: E402
-import torch  # noqa: E402
-import utils.extra_config  # noqa: E402,F401  (before nodes: see HOST.md)
+import folder_paths
+import torch
+import utils.extra_config  # noqa: F401  (before nodes: see HOST.md)
 
-import nodes  # noqa: E402
+import nodes
 
 spec = importlib.util.spec_from_file_location("vae_lab", os.path.join(PACK, "__init__.py"), submodule_search_locations=[PACK])
 pack = importlib.util.module_from_spec(spec)
 sys.modules["vae_lab"] = pack
 spec.loader.exec_module(pack)
-from comfy_extras import nodes_stable_cascade as core_sc  # noqa: E402
-
-from vae_lab.nodes.host import register_model_folders  # noqa: E402
-from vae_lab.nodes.stable_cascade import LoadStageA, StableCascadeDecode, stage_a_choices  # noqa: E402
+from comfy_extras import nodes_stable_cascade as core_sc
+from vae_lab.nodes.host import register_model_folders
+from vae_lab.nodes.stable_cascade import (
+    LoadStageA,
+    StableCascadeDecode,
+    stage_a_choices,
+)
 
 register_model_folders()
 for kind, path in (("checkpoints", CHECKPOINT), ("vae", STAGE_A), ("vae", EFFNET)):
