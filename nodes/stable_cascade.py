@@ -170,8 +170,10 @@ class StableCascadeDecode(io.ComfyNode):
                 io.Float.Input("cfg", default=1.1, min=0.0, max=100.0, step=0.05, round=0.01,
                                tooltip="Guidance against the zeroed conditioning; 1.0-1.2 for stage B. At 1.0 the "
                                        "negative pass is skipped."),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler_ancestral"),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras"),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler_ancestral",
+                               tooltip="Stage B's sampler (Euler ancestral on the SoteDiffusion card)."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="karras",
+                               tooltip="Stage B's noise schedule (Karras on the SoteDiffusion card)."),
                 io.Int.Input("compression", default=42, min=4, max=128,
                              tooltip="Pixels per stage-C latent cell, as in Stable Cascade's empty latent (42 for 1024 px "
                                      "from a 24x24 stage-C latent)."),
@@ -188,7 +190,7 @@ class StableCascadeDecode(io.ComfyNode):
                                               "zero embedding, which is what a decoder-only release expects."),
             ],
             outputs=[
-                io.Image.Output("image", display_name="IMAGE", tooltip="The decoded images."),
+                io.Image.Output("decoded", display_name="IMAGE", tooltip="The decoded images."),
                 io.Latent.Output("stage_c_out", display_name="stage_c",
                                  tooltip="The stage-C latent that was decoded (the effnet encoding in reconstruct mode)."),
             ],

@@ -8,7 +8,7 @@ import os
 import colour
 import numpy as np
 import pytest
-from comfy_host import PACK_NAME, ROOT, comfyui_dir, ui_to_api
+from comfy_host import PACK_NAME, ROOT, cascade_files, comfyui_dir, ui_to_api
 from PIL import Image
 from test_pack import node_schemas
 
@@ -207,15 +207,69 @@ def check_continue_training(entry, prompt, server):
     assert single_entry["outputs"][second]["vae_lab"][0]["held_out"] == entry["outputs"][second]["vae_lab"][0]["held_out"]
 
 
+def prepare_stable_cascade(server):
+    """Random-weight Stable Cascade files (cached per machine) under the release names the workflows use."""
+    for name, path in cascade_files().items():
+        folder = os.path.join(server.base, "models", "checkpoints" if "stage_b" in name else "vae")
+        os.makedirs(folder, exist_ok=True)
+        if not os.path.exists(os.path.join(folder, name)):
+            os.symlink(path, os.path.join(folder, name))
+
+
+def check_stable_cascade_reconstruct(entry, prompt, server):
+    """Reconstruct mode gives a 256 px picture and numbers; the same graph in latent mode fed by core's
+    StableCascade_StageC_VAEEncode gives the identical image (same seed, same stage-B size)."""
+    loader = _node(prompt, "VAELab_LoadStageA")
+    assert "read only the vae. part of stable_cascade_stage_b.safetensors" in entry["outputs"][loader]["text"][0]
+    decode = _node(prompt, "VAELab_StableCascadeDecode")
+    preview = next(k for k, v in prompt.items() if v["class_type"] == "PreviewImage" and v["inputs"]["images"][0] == decode)
+    image = _preview(server, entry, preview)
+    assert image.shape == (256, 256, 3) and image.std() > 1
+    assert np.isfinite(entry["outputs"][_node(prompt, "VAELab_OklabLoss")]["vae_lab"][0]["mean_delta_e"])
+    latent_mode = json.loads(json.dumps(prompt))
+    inputs = latent_mode[decode]["inputs"]
+    latent_mode["90"] = {"class_type": "StableCascade_StageC_VAEEncode",
+                         "inputs": {"image": inputs.pop("image"), "vae": inputs.pop("effnet"), "compression": 42}}
+    inputs.update(source="stage_c latent", stage_c=["90", 0])
+    assert np.array_equal(_preview(server, server.run_prompt(latent_mode, timeout=900), preview), image)
+
+
+def check_stable_cascade_finetune_stage_a(entry, prompt, server):
+    """Stage A's decoder trained in the graph; the saved full file is listed by core Load VAE at once and decodes
+    exactly as the graph's finetuned VAE did, and differently from the base."""
+    tune = _node(prompt, "VAELab_DecoderFinetuneSteps")
+    values = entry["outputs"][tune]["vae_lab"][0]
+    assert values["step"] == prompt[tune]["inputs"]["steps"] and "Stable Cascade stage A" in entry["outputs"][tune]["text"][0]
+    (full,) = entry["outputs"][_node(prompt, "VAELab_SaveFinetunedVAE")]["vae_lab"][0]["files"]
+    assert os.path.dirname(full).endswith(os.path.join("output", "vae"))
+    listed = server.get("/object_info/VAELoader")["VAELoader"]["input"]["required"]["vae_name"][0]
+    assert os.path.basename(full) in listed
+    encode, decode = _node(prompt, "VAEEncode"), _node(prompt, "VAEDecode")
+    core = {k: prompt[k] for k in ("1", prompt[encode]["inputs"]["vae"][0], encode)}
+    core.update({"91": {"class_type": "VAELoader", "inputs": {"vae_name": os.path.basename(full)}},
+                 decode: {"class_type": "VAEDecode", "inputs": {"samples": [encode, 0], "vae": ["91", 0]}},
+                 "92": {"class_type": "PreviewImage", "inputs": {"images": [decode, 0]}},
+                 "93": {"class_type": "VAEDecode", "inputs": {"samples": [encode, 0], "vae": prompt[encode]["inputs"]["vae"]}},
+                 "94": {"class_type": "PreviewImage", "inputs": {"images": ["93", 0]}}})
+    core_entry = server.run_prompt(core, timeout=900)
+    preview = next(k for k, v in prompt.items() if v["class_type"] == "PreviewImage" and v["inputs"]["images"][0] == decode)
+    finetuned = _preview(server, entry, preview)
+    assert np.array_equal(finetuned, _preview(server, core_entry, "92"))
+    assert not np.array_equal(finetuned, _preview(server, core_entry, "94"))
+
+
 CHECKS = {
     "oklab_loss_palette": check_oklab_loss_palette,
     "load_tiny_autoencoder_taef2": check_load_tiny_autoencoder_taef2,
     "load_vae_decoder_sdxl": check_load_vae_decoder_sdxl,
     "finetune_decoder_on_folder": check_finetune_decoder_on_folder,
     "continue_training": check_continue_training,
+    "stable_cascade_reconstruct": check_stable_cascade_reconstruct,
+    "stable_cascade_finetune_stage_a": check_stable_cascade_finetune_stage_a,
 }
 #: Files a workflow needs that only a user's download can supply; tests put random weights in their place.
-PREPARE = {"load_vae_decoder_sdxl": prepare_load_vae_decoder_sdxl}
+PREPARE = {"load_vae_decoder_sdxl": prepare_load_vae_decoder_sdxl, "stable_cascade_reconstruct": prepare_stable_cascade,
+           "stable_cascade_finetune_stage_a": prepare_stable_cascade}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: os.path.basename(p))
