@@ -8,6 +8,10 @@ CATEGORY = "VAE Lab"
 VERSION = "0.1.0"  # keep equal to pyproject.toml (tests check)
 
 
+#: Which VAE Lab loader reads each family (for refusals that point to the right node).
+LOADER_OF_FAMILY = {"kl": "Load VAE Decoder", "tiny": "Load Tiny Autoencoder", "stage_a": "Load Stable Cascade Stage A"}
+
+
 def summary_ui(text: str, values: dict) -> dict:
     """UI payload: ``text`` is shown on the node by ``web/vae_lab.js``; ``vae_lab`` carries the same
     numbers machine-readably (in /history, for scripts and tests)."""

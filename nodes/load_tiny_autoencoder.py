@@ -12,7 +12,7 @@ from ..training.vae_files import (
     join_files,
     open_vae_file,
 )
-from .common import CATEGORY, header_keys, summary_ui
+from .common import CATEGORY, LOADER_OF_FAMILY, header_keys, summary_ui
 from .common import file_stamps as _file_stamps
 from .host_vae import assemble
 
@@ -120,7 +120,7 @@ class LoadTinyAutoencoder(io.ComfyNode):
         for part in parts:
             if part.family != TINY:
                 raise VaeFileError(f"{part.source}: this is a {part.detected.family_name} file, not a TAESD-family one; "
-                                   "load it with Load VAE Decoder")
+                                   f"load it with {LOADER_OF_FAMILY[part.family]}")
         decoder = next((p for p in parts if p.detected.has_decoder), None)
         if decoder is None:
             raise VaeFileError(f"{name}: holds only a TAESD encoder; pick a decoder file or an encoder/decoder pair")

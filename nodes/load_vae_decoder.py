@@ -4,7 +4,7 @@ from comfy_api.latest import io
 
 from ..training.layouts import KL
 from ..training.vae_files import VaeFileError, describe_weights, open_vae_file
-from .common import CATEGORY, summary_ui
+from .common import CATEGORY, LOADER_OF_FAMILY, summary_ui
 from .common import file_stamps as _file_stamps
 from .host import DECODERS_FOLDER
 from .host_vae import assemble
@@ -99,7 +99,7 @@ class LoadVAEDecoder(io.ComfyNode):
         decoder = open_vae_file(_vae_path_or_raise(vae_name))
         if decoder.family != KL:
             raise VaeFileError(f"{vae_name}: this is a {decoder.detected.family_name} file, not a kl-f8 VAE; "
-                               "load it with Load Tiny Autoencoder")
+                               f"load it with {LOADER_OF_FAMILY[decoder.family]}")
         lines = describe_weights(decoder)
         base = None
         if base_file != NO_BASE:

@@ -28,10 +28,11 @@ def report(tmp_path_factory):
 
 
 def test_stage_a_from_its_file_and_from_a_stage_b_checkpoint_equals_core(report):
-    for case in ("ours from stage_a file", "ours from stage-B checkpoint", "core checkpoint vae"):
+    for case in ("ours from stage_a file", "ours from stage-B checkpoint", "core checkpoint vae", "ours decoder-only + base_vae"):
         row = report["results"][case]
         assert row["decode"] == 0.0 and row["encode"] == 0.0 and row["type"] == "StageA", (case, row)
-    assert report["choices"] == ["vae/stage_a.safetensors", "checkpoints/stable_cascade_stage_b.safetensors"]
+    assert report["choices"] == ["vae/stage_a.safetensors", "vae_decoders/stage_a_decoder.safetensors",
+                                 "checkpoints/stable_cascade_stage_b.safetensors"]
     assert "read only the vae. part" in report["info"] and "decoder 15.71 M" in report["info"]
 
 
@@ -53,3 +54,6 @@ def test_refusals_name_the_input_and_the_fix(report):
     assert "needs the stage_c input connected" in refusals["latent mode without stage_c"]
     assert "'vae' is a StageC_coder, not stage A; load it with Load Stable Cascade Stage A" in refusals["effnet as the stage A vae"]
     assert "a stage-C latent has 16 channels" in refusals["stage B latent as stage_c"]
+    assert "stage_a.safetensors: this is a Stable Cascade stage A (f4 VQGAN) file, not a kl-f8 VAE; load it with Load " \
+           "Stable Cascade Stage A" in refusals["stage A in Load VAE Decoder"]
+    assert "stage_a_decoder.safetensors: this file holds only a decoder" in refusals["decoder-only stage A without base"]

@@ -31,6 +31,7 @@ sys.modules["vae_lab"] = pack
 spec.loader.exec_module(pack)
 from comfy_extras import nodes_stable_cascade as core_sc
 from vae_lab.nodes.host import register_model_folders
+from vae_lab.nodes.load_vae_decoder import LoadVAEDecoder
 from vae_lab.nodes.stable_cascade import (
     LoadStageA,
     StableCascadeDecode,
@@ -46,6 +47,13 @@ for kind, path in (("checkpoints", CHECKPOINT), ("vae", STAGE_A), ("vae", EFFNET
     if not os.path.exists(link):
         os.symlink(path, link)
 ckpt_name = os.path.basename(CHECKPOINT)
+# a decoder-only stage A finetune (here: the decoder half of the same file) in vae_decoders
+from safetensors.torch import load_file, save_file
+
+os.makedirs(os.path.join(SCRATCH, "vae_decoders"), exist_ok=True)
+folder_paths.add_model_folder_path("vae_decoders", os.path.join(SCRATCH, "vae_decoders"), is_default=True)
+save_file({k: v for k, v in load_file(STAGE_A).items() if k.startswith(("up_blocks.", "out_block."))},
+          os.path.join(SCRATCH, "vae_decoders", "stage_a_decoder.safetensors"))
 results, refusals = {}, {}
 
 
@@ -76,8 +84,9 @@ torch.manual_seed(0)
 b_latent = torch.randn(1, 4, 32, 48)
 image = torch.rand(1, 128, 192, 3)
 reference = core_vae.decode(b_latent)
+ours_decoder_only = LoadStageA.execute("vae_decoders/stage_a_decoder.safetensors", base_vae=core_vae).result[0]
 for name, vae in (("ours from stage_a file", ours_file), ("ours from stage-B checkpoint", ours_ckpt),
-                  ("core checkpoint vae", ckpt_vae)):
+                  ("core checkpoint vae", ckpt_vae), ("ours decoder-only + base_vae", ours_decoder_only)):
     results[name] = {"decode": diff(vae.decode(b_latent), reference), "encode": diff(vae.encode(image), core_vae.encode(image)),
                      "type": type(vae.first_stage_model).__name__}
 
@@ -115,7 +124,9 @@ results["reconstruct vs core chain"] = {"image": diff(rec[0], want_rec), "stage_
                                         "finite": bool(torch.isfinite(rec[0]).all()),
                                         "shape": list(rec[0].shape)}
 
-refusals["reconstruct without effnet"] = ""
+refusal("stage A in Load VAE Decoder", lambda: LoadVAEDecoder.execute(vae_name="stage_a.safetensors", encoder="from this file",
+                                                                       base_file="(none)"))
+refusal("decoder-only stage A without base", lambda: LoadStageA.execute("vae_decoders/stage_a_decoder.safetensors"))
 refusal("reconstruct without effnet", lambda: StableCascadeDecode.execute(
     model, ours_ckpt, "image (reconstruct)", compression=42, width=0, height=0, image=picture, **settings))
 refusal("latent mode without stage_c", lambda: StableCascadeDecode.execute(
