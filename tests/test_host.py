@@ -231,7 +231,8 @@ def check_stable_cascade_reconstruct(entry, prompt, server):
     latent_mode["90"] = {"class_type": "StableCascade_StageC_VAEEncode",
                          "inputs": {"image": inputs.pop("image"), "vae": inputs.pop("effnet"), "compression": 42}}
     inputs.update(source="stage_c latent", stage_c=["90", 0])
-    assert np.array_equal(_preview(server, server.run_prompt(latent_mode, timeout=900), preview), image)
+    again = _preview(server, server.run_prompt(latent_mode, timeout=900), preview)
+    assert np.abs(again.astype(int) - image.astype(int)).max() <= 1  # 8-bit rounding of ~1e-6 kernel-path noise
 
 
 def check_stable_cascade_finetune_stage_a(entry, prompt, server):

@@ -39,13 +39,14 @@ def test_stage_a_from_its_file_and_from_a_stage_b_checkpoint_equals_core(report)
 def test_decode_equals_cores_four_node_chain_with_the_same_seed(report):
     row = report["results"]["decode vs core chain"]
     assert row["finite"] and row["spread"] > 0.01  # a real picture of noise, not a constant
-    assert row["image"] == 0.0 and row["shape"] == [1, 256, 256, 3]
-    assert row["auto_size_image"] == 0.0  # width/height 0: 6 x 42 = 252 -> 256, the size the empty latent was made for
+    # identical ops on identical inputs; oneDNN may still pick another kernel path between two calls (1e-6 seen)
+    assert row["image"] <= 1e-5 and row["shape"] == [1, 256, 256, 3]
+    assert row["auto_size_image"] <= 1e-5  # width/height 0: 6 x 42 = 252 -> 256, the size the empty latent was made for
 
 
 def test_reconstruct_equals_cores_encode_then_chain(report):
     row = report["results"]["reconstruct vs core chain"]
-    assert row["finite"] and row["image"] == 0.0 and row["stage_c"] == 0.0 and row["shape"] == [1, 256, 320, 3]
+    assert row["finite"] and row["image"] <= 1e-5 and row["stage_c"] <= 1e-5 and row["shape"] == [1, 256, 320, 3]
 
 
 def test_refusals_name_the_input_and_the_fix(report):
