@@ -7,33 +7,22 @@ Usage: python loader_equality.py <comfyui dir> <scratch dir>
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 
 COMFY, SCRATCH = sys.argv[1], sys.argv[2]
-PACK = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, COMFY)
+from host_boot import PACK, boot
 
-from comfy.cli_args import args
-
-args.cpu = True
+boot(COMFY)
 import folder_paths
 import torch
-import utils.extra_config  # noqa: F401  (before nodes: see HOST.md)
 from safetensors.torch import save_file
-
-import nodes
-
-# import the pack the way ComfyUI does: a package from its __init__.py, never the folder on sys.path
-spec = importlib.util.spec_from_file_location("vae_lab", os.path.join(PACK, "__init__.py"), submodule_search_locations=[PACK])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["vae_lab"] = pack
-spec.loader.exec_module(pack)
 from vae_lab.nodes.load_tiny_autoencoder import LoadTinyAutoencoder
 from vae_lab.nodes.load_vae_decoder import LoadVAEDecoder
 from vae_lab.training import klf8, layouts, taesd
+
+import nodes
 
 for folder in ("vae", "vae_approx"):
     os.makedirs(os.path.join(SCRATCH, folder), exist_ok=True)

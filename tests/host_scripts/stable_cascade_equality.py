@@ -7,28 +7,16 @@ Prints one JSON line (prefixed RESULT): max-abs differences of each comparison, 
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import sys
 
 COMFY, SCRATCH, CHECKPOINT, STAGE_A, EFFNET = sys.argv[1:6]
-PACK = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, COMFY)
+from host_boot import boot
 
-from comfy.cli_args import args
-
-args.cpu = True
+boot(COMFY)
 import folder_paths
 import torch
-import utils.extra_config  # noqa: F401  (before nodes: see HOST.md)
-
-import nodes
-
-spec = importlib.util.spec_from_file_location("vae_lab", os.path.join(PACK, "__init__.py"), submodule_search_locations=[PACK])
-pack = importlib.util.module_from_spec(spec)
-sys.modules["vae_lab"] = pack
-spec.loader.exec_module(pack)
 from comfy_extras import nodes_stable_cascade as core_sc
 from vae_lab.nodes.host import register_model_folders
 from vae_lab.nodes.load_vae_decoder import LoadVAEDecoder
@@ -37,6 +25,8 @@ from vae_lab.nodes.stable_cascade import (
     StableCascadeDecode,
     stage_a_choices,
 )
+
+import nodes
 
 register_model_folders()
 for kind, path in (("checkpoints", CHECKPOINT), ("vae", STAGE_A), ("vae", EFFNET)):
