@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .compare import CompareLatent, CompareReconstructions, MergeVAEs, PostHocEMA, VAEList
 from .finetune_steps import DecoderFinetuneSteps
 from .host import register_model_folders
 from .load_tiny_autoencoder import LoadTinyAutoencoder
@@ -11,7 +12,8 @@ from .oklab_loss import OklabLoss
 from .save_finetuned_vae import SaveFinetunedVAE
 from .stable_cascade import LoadStageA, StableCascadeDecode
 
-NODES: list[type[io.ComfyNode]] = [LoadVAEDecoder, LoadTinyAutoencoder, LoadStageA, DecoderFinetuneSteps, SaveFinetunedVAE,
+NODES: list[type[io.ComfyNode]] = [LoadVAEDecoder, LoadTinyAutoencoder, LoadStageA, VAEList, CompareReconstructions,
+                                   CompareLatent, DecoderFinetuneSteps, SaveFinetunedVAE, MergeVAEs, PostHocEMA,
                                    StableCascadeDecode, OklabLoss]
 
 

@@ -259,6 +259,119 @@ def check_stable_cascade_finetune_stage_a(entry, prompt, server):
     assert not np.array_equal(finetuned, _preview(server, core_entry, "94"))
 
 
+def _with_previews(prompt, sources: dict[str, list]) -> dict:
+    """The prompt plus a PreviewImage of each (node, slot) in ``sources`` (id -> [node, slot])."""
+    extended = json.loads(json.dumps(prompt))
+    for node_id, source in sources.items():
+        extended[node_id] = {"class_type": "PreviewImage", "inputs": {"images": source}}
+    return extended
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    from skimage.metrics import peak_signal_noise_ratio
+
+    return float(peak_signal_noise_ratio(a.astype(np.float64) / 255, b.astype(np.float64) / 255, data_range=1))
+
+
+def check_compare_decoders_on_my_images(entry, prompt, server):
+    """Both modes list the three VAEs; TAEF2's PSNR in the table equals TAEF2 run outside ComfyUI on the saved
+    reference; the saved A/B images agree with scikit-image within 8-bit truncation; finetunes keep TAEF2's encoder, so shared-encoder numbers equal the autoencoder ones; the
+    A/B slider images were written."""
+    nodes = {prompt[k]["inputs"]["mode"]: k for k, v in prompt.items() if v["class_type"] == "VAELab_CompareReconstructions"}
+    data = {mode: entry["outputs"][k]["vae_lab"][0] for mode, k in nodes.items()}
+    for values in data.values():
+        assert list(values["decoders"]) == ["taef2", "finetuned ema", "finetuned raw"] and values["images"] == 1
+        assert values["unavailable"].get("lpips_alex", "").startswith("no weights")  # no LPIPS files on the test host
+    auto, shared = data["autoencoders"]["decoders"], data["shared encoder"]["decoders"]
+    for label in auto:
+        assert auto[label]["per_image"]["psnr"] == pytest.approx(shared[label]["per_image"]["psnr"], abs=1e-4)
+    node = nodes["autoencoders"]
+    scale = prompt[node]["inputs"]["images"]
+    extended = _with_previews(prompt, {"90": scale, "91": [node, 5], "92": [node, 6]})
+    again = server.run_prompt(extended, timeout=900)
+    reference, side_a, side_b = (_preview(server, again, k) for k in ("90", "91", "92"))
+    # ImageScale's Lanczos works on 8-bit pictures, so the saved reference is exact: TAEF2 outside ComfyUI
+    # (training.taesd) on it must give the table's number
+    import torch
+
+    from training import metrics as lab_metrics
+
+    x = torch.from_numpy(reference.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        model = _taef2()
+        expected = float(lab_metrics.psnr(model.decode(model.encode(x)), x))
+    assert auto["taef2"]["per_image"]["psnr"][0] == pytest.approx(expected, abs=0.01)
+    # the saved side images are truncated to 8 bits by PreviewImage (~0.1-0.2 dB lower), yet rank the same way
+    assert _psnr(reference, side_a) == pytest.approx(auto["taef2"]["per_image"]["psnr"][0], abs=0.3)
+    assert _psnr(reference, side_b) == pytest.approx(auto["finetuned ema"]["per_image"]["psnr"][0], abs=0.3)
+    pair = entry["outputs"][node]["vae_lab_ab"][0]
+    assert pair["labels"] == ["taef2", "finetuned ema"]
+    assert os.path.isfile(os.path.join(server.base, "temp", pair["a"]["filename"]))
+
+
+def check_compare_decoders_on_a_latent(entry, prompt, server):
+    """The numbers for TAEF2's own decode agree with training.taesd decoding the same latent from the saved input."""
+    import torch
+
+    from training import compare as lab_compare
+
+    node = _node(prompt, "VAELab_CompareLatent")
+    values = entry["outputs"][node]["vae_lab"][0]
+    assert list(values) == ["taef2", "finetuned"] and "delta_e_vs_first" in values["finetuned"]
+    scale = prompt[_node(prompt, "VAEEncode")]["inputs"]["pixels"]
+    again = server.run_prompt(_with_previews(prompt, {"90": scale}), timeout=900)
+    pixels = torch.from_numpy(_preview(server, again, "90").astype(np.float32) / 255).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        model = _taef2()
+        expected = lab_compare.decode_statistics(model.decode(model.encode(pixels)))
+    for key in ("mean_L", "mean_chroma", "contrast_L"):  # 8-bit input here vs float in the graph: small tolerance
+        assert values["taef2"][key][0] == pytest.approx(float(expected[key][0]), abs=3e-3), key
+    assert values["taef2"]["detail_energy"][0] == pytest.approx(float(expected["detail_energy"][0]), rel=0.05)
+    assert values["finetuned"]["delta_e_vs_first"][0] > 0
+
+
+def check_merge_two_finetunes(entry, prompt, server):
+    """The saved merge is the element-wise mean of the two parents, saved from the same graph."""
+    from safetensors.torch import load_file
+
+    merge = _node(prompt, "VAELab_MergeVAEs")
+    assert "0.500·finetune A + 0.500·finetune B" in entry["outputs"][merge]["text"][0]
+    parents = [prompt[prompt[merge]["inputs"]["vae_list"][0]]["inputs"]["vae"],
+               prompt[prompt[prompt[merge]["inputs"]["vae_list"][0]]["inputs"]["vae_list"][0]]["inputs"]["vae"]]
+    extended = json.loads(json.dumps(prompt))
+    for n, source in enumerate(parents):
+        extended[f"9{n}"] = {"class_type": "VAELab_SaveFinetunedVAE", "inputs": {"vae": source, "filename_prefix": f"vae/parent{n}",
+                                                                                 "decoder_only_too": False}}
+    again = server.run_prompt(extended, timeout=900)
+    merged_files = entry["outputs"][_node(prompt, "VAELab_SaveFinetunedVAE")]["vae_lab"][0]["files"]
+    decoders = [load_file(next(f for f in again["outputs"][f"9{n}"]["vae_lab"][0]["files"] if f.endswith("_decoder.safetensors")))
+                for n in range(2)]
+    merged = load_file(next(f for f in merged_files if f.endswith("_decoder.safetensors")))
+    b, a = decoders  # parents[0] is the list's last entry (finetune B)
+    assert set(merged) == set(a)
+    for key in merged:
+        expected = (a[key].double() + b[key].double()) / 2
+        assert float((merged[key].double() - expected).abs().max()) < 1e-6, key
+    assert any(float((a[k] - b[k]).abs().max()) > 1e-6 for k in a)  # two different finetunes
+
+
+def check_posthoc_ema(entry, prompt, server):
+    """The table covers every requested length (the chosen one marked) with finite numbers, and the post-hoc VAE
+    decodes differently from the base."""
+    node = _node(prompt, "VAELab_PostHocEMA")
+    values = entry["outputs"][node]["vae_lab"][0]
+    assert values["snapshots"] >= 4
+    rows = values["table"]
+    assert set(rows) == {"σ_rel 0.05", "σ_rel 0.1", "σ_rel 0.15 (chosen)", "σ_rel 0.2"}
+    assert all(np.isfinite(r["psnr"]) and r["psnr"] > 20 for r in rows.values())
+    assert len({round(r["psnr"], 6) for r in rows.values()}) > 1  # the lengths really differ
+    decode = _node(prompt, "VAEDecode")
+    base = json.loads(json.dumps(prompt))
+    base[decode]["inputs"]["vae"] = prompt[node]["inputs"]["vae"]
+    preview = _node(prompt, "PreviewImage")
+    assert not np.array_equal(_preview(server, entry, preview), _preview(server, server.run_prompt(base, timeout=900), preview))
+
+
 CHECKS = {
     "oklab_loss_palette": check_oklab_loss_palette,
     "load_tiny_autoencoder_taef2": check_load_tiny_autoencoder_taef2,
@@ -267,6 +380,10 @@ CHECKS = {
     "continue_training": check_continue_training,
     "stable_cascade_reconstruct": check_stable_cascade_reconstruct,
     "stable_cascade_finetune_stage_a": check_stable_cascade_finetune_stage_a,
+    "compare_decoders_on_my_images": check_compare_decoders_on_my_images,
+    "compare_decoders_on_a_latent": check_compare_decoders_on_a_latent,
+    "merge_two_finetunes": check_merge_two_finetunes,
+    "posthoc_ema": check_posthoc_ema,
 }
 #: Files a workflow needs that only a user's download can supply; tests put random weights in their place.
 PREPARE = {"load_vae_decoder_sdxl": prepare_load_vae_decoder_sdxl, "stable_cascade_reconstruct": prepare_stable_cascade,
