@@ -17,7 +17,12 @@ from ..training.vae_files import VaeFileError
 from .common import CATEGORY, summary_ui
 from .finetune_steps import TrainingState
 from .host import comfy_from_images01, images01_from_comfy
-from .host_vae import latent_scale_shift, trainable_decoder, vae_with_decoder, weights_or_refusal
+from .host_vae import (
+    latent_scale_shift,
+    trainable_decoder,
+    vae_with_decoder,
+    weights_or_refusal,
+)
 
 VaeList = io.Custom("VAE_LAB_VAE_LIST")
 MODES = ["autoencoders", "shared encoder"]

@@ -44,3 +44,32 @@ def test_summary_appears_on_the_node_and_is_never_saved(page):
     prompt = page.evaluate(f"(async () => (await {APP}.graphToPrompt()).output)()")
     node = next(v for v in prompt.values() if v["class_type"] == "VAELab_OklabLoss")
     assert "vae_lab_summary" not in node["inputs"]
+
+
+def test_ab_slider_shows_both_reconstructions_and_follows_the_range(page):
+    """Compare Reconstructions' A/B slider, in the real frontend: two images loaded from /view, labelled with the
+    VAEs, and moving the range input moves the clip of side A and the divider."""
+    with open(os.path.join(ROOT, "example_workflows", "compare_decoders_on_my_images.json")) as f:
+        workflow = json.load(f)
+    for node in workflow["nodes"]:  # 1 training step instead of 10: this test is about the widget
+        if node["type"] == "VAELab_DecoderFinetuneSteps":
+            node["widgets_values"][2] = 1
+    page.evaluate(f"(async () => {{ await {APP}.loadGraphData({json.dumps(workflow)}); await {APP}.queuePrompt(0, 1); }})()")
+    root = f"{_node_js('VAELab_CompareReconstructions')}?.widgets?.find(w => w.name === 'vae_lab_ab')?.element"
+    loaded = page.wait_for(f"(() => {{ const r = {root}; if (!r) return false; const imgs = [...r.querySelectorAll('img')]; "
+                           "return imgs.length === 2 && imgs.every(i => i.complete && i.naturalWidth > 0) && "
+                           "imgs.map(i => i.getAttribute('src')); })()", 600)
+    assert all("/view?" in src and "type=temp" in src for src in loaded), loaded
+    labels = page.evaluate(f"(() => {{ const r = {root}; return [r.querySelector('.vae-lab-ab-label-a').textContent, "
+                           "r.querySelector('.vae-lab-ab-label-b').textContent]; })()")
+    assert labels == ["A: taef2", "B: finetuned ema"]
+    moved = page.evaluate(f"(() => {{ const r = {root}; const range = r.querySelector('.vae-lab-ab-range'); range.value = '25'; "
+                          "range.dispatchEvent(new Event('input', {bubbles: true})); "
+                          "return [r.querySelector('.vae-lab-ab-a').style.clipPath, r.querySelector('.vae-lab-ab-divider').style.left, "
+                          "r.dataset.divider]; })()")
+    assert moved == ["inset(0px 75% 0px 0px)", "25%", "25"] or moved == ["inset(0 75% 0 0)", "25%", "25"], moved
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    page.screenshot(os.path.join(ARTIFACTS, "compare_ab_slider.png"))
+    saved = page.evaluate(f"(() => {{ const n = {APP}.graph.serialize().nodes.find(n => n.type === 'VAELab_CompareReconstructions'); "
+                          "return n.widgets_values; })()")
+    assert len(saved) == 8, saved  # the slider is display-only
