@@ -152,6 +152,10 @@ class CompareReconstructions(io.ComfyNode):
                 io.Int.Input("a", default=1, min=1, max=64, tooltip="Which VAE of the list is side A of the slider and image_a."),
                 io.Int.Input("b", default=2, min=1, max=64, tooltip="Which VAE is side B (with one VAE: the reference)."),
                 io.Vae.Input("encoder", optional=True, tooltip="shared encoder mode: the VAE whose encoder makes the latents."),
+                io.Boolean.Input("rfid", default=False,
+                                 tooltip="Also rFID (distribution distance of reconstructions to references). Opt-in: needs "
+                                         "the pytorch-fid package and pt_inception-2015-12-05-6726825d.pth in models/inception "
+                                         "(never downloaded), and hundreds of images to mean much."),
             ],
             outputs=[
                 io.Image.Output("grid", display_name="grid", tooltip="Rows: images; columns: reference, then each VAE, labelled with PSNR."),
@@ -165,7 +169,8 @@ class CompareReconstructions(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, images, vae_list, mode, lpips, tiled, tile_size, chunk_size, zoom_window, a, b, encoder=None) -> io.NodeOutput:
+    def execute(cls, images, vae_list, mode, lpips, tiled, tile_size, chunk_size, zoom_window, a, b, encoder=None,
+                rfid=False) -> io.NodeOutput:
         import json
 
         import comfy.utils
@@ -213,6 +218,11 @@ class CompareReconstructions(io.ComfyNode):
         heat, vmax = compare.delta_e_heatmaps(result)
         table = result.table()
         data = result.as_json()
+        if rfid:
+            values, rfid_warning = _rfid(reference, result.outputs)
+            table += "\n\nrFID ↓ (vs the references): " + ", ".join(f"{k} {v:.2f}" for k, v in values.items())
+            data["rfid"] = values
+            warnings += [rfid_warning] if rfid_warning else []
         data.update(mode=mode, cropped_to_multiple_of=ratio, heatmap_max_delta_e=vmax, warnings=warnings)
         a_label = labels[min(a, len(labels)) - 1]
         b_label = labels[min(b, len(labels)) - 1] if len(labels) > 1 else None
@@ -224,6 +234,19 @@ class CompareReconstructions(io.ComfyNode):
         ui["vae_lab_ab"] = [_ab_preview(side_a[0], side_b[0], (a_label, b_label or "reference"))]
         return io.NodeOutput(comfy_from_images01(grid[None]), comfy_from_images01(crops[None]), comfy_from_images01(heat[None]),
                              table, json.dumps(data), comfy_from_images01(side_a), comfy_from_images01(side_b), ui=ui)
+
+
+def _rfid(reference: torch.Tensor, outputs: dict[str, torch.Tensor]) -> tuple[dict[str, float], str | None]:
+    import folder_paths
+
+    from ..training import rfid
+
+    folder = os.path.join(folder_paths.models_dir, "inception")
+    path = rfid.find_weights([folder])
+    if path is None:
+        raise rfid.RfidUnavailable(f"Compare Reconstructions: rfid is on but {rfid.WEIGHTS_FILE} is in neither {folder} nor "
+                                   f"torch's cache; download it from {rfid.WEIGHTS_URL} into {folder}, or turn rfid off")
+    return rfid.rfid_per_decoder(rfid.inception(path), reference, outputs)
 
 
 class CompareLatent(io.ComfyNode):

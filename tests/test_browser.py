@@ -72,4 +72,4 @@ def test_ab_slider_shows_both_reconstructions_and_follows_the_range(page):
     page.screenshot(os.path.join(ARTIFACTS, "compare_ab_slider.png"))
     saved = page.evaluate(f"(() => {{ const n = {APP}.graph.serialize().nodes.find(n => n.type === 'VAELab_CompareReconstructions'); "
                           "return n.widgets_values; })()")
-    assert len(saved) == 8, saved  # the slider is display-only
+    assert len(saved) == 9, saved  # the slider is display-only

@@ -306,6 +306,10 @@ def check_compare_decoders_on_my_images(entry, prompt, server):
     assert _psnr(reference, side_b) == pytest.approx(auto["finetuned ema"]["per_image"]["psnr"][0], abs=0.3)
     pair = entry["outputs"][node]["vae_lab_ab"][0]
     assert pair["labels"] == ["taef2", "finetuned ema"]
+    with_rfid = json.loads(json.dumps(prompt))
+    with_rfid[node]["inputs"]["rfid"] = True  # opt-in: without the Inception file it says which file and where
+    error = server.run_prompt(with_rfid, timeout=900, expect_error=True)
+    assert "pt_inception-2015-12-05-6726825d.pth" in error["exception_message"] and "inception" in error["exception_message"]
     assert os.path.isfile(os.path.join(server.base, "temp", pair["a"]["filename"]))
 
 
