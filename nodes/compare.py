@@ -99,7 +99,7 @@ def _decode(vae, latents: torch.Tensor, tiled: bool, tile_size: int) -> torch.Te
 def _encode(vae, images01: torch.Tensor, tiled: bool, tile_size: int) -> torch.Tensor:
     pixels = images01.movedim(1, -1)
     if tiled:
-        return vae.encode_tiled(pixels, tile_x=tile_size, tile_y=tile_size, overlap=max(8, tile_size // 8))
+        return vae.encode_tiled(pixels, tile_x=tile_size, tile_y=tile_size, overlap=tile_size // 4)
     return vae.encode(pixels)
 
 
