@@ -1,0 +1,151 @@
+"""Background jobs (host-free part): the job folder and the worker script on the real TAEF2, on the CPU with one thread.
+Crash safety by fault injection: the worker SIGKILLs itself at named phases; a restart resumes from the last good
+checkpoint and ends with exactly the weights, EMA and optimiser state of an uninterrupted run."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import asdict
+
+import pytest
+import torch
+from test_finetune import taef2_model
+
+from training import finetune, jobs, recipes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tools", "run_job.py")
+IMAGES = [os.path.join(ROOT, "assets", "images", n) for n in ("astronaut.png", "coffee.png")]
+HELD = [os.path.join(ROOT, "assets", "images", "grass.png")]
+TOTAL, INTERVAL = 12, 4
+
+
+def make_job(root, name, total=TOTAL, interval=INTERVAL, held=True) -> str:
+    model = taef2_model()
+    recipe = finetune.recipe_with(recipes.RECIPES["furception-nolpips"], lr=3e-4, warmup_steps=2)
+    config = finetune.FinetuneConfig(batch_size=1, crop_size=32, crops_per_image=2, seed=3, eval_every=6, eval_size=64)
+    spec = jobs.JobSpec(recipe=recipe.as_dict(), config=asdict(config), total_steps=total, checkpoint_interval=interval,
+                        train_images=IMAGES, held_out_images=HELD if held else [], family="tiny", threads=1, log_every=2)
+    return jobs.create_job(str(root), name, {k: v.clone() for k, v in model.state_dict().items()}, spec)
+
+
+def run_worker(folder, fault: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("VAE_LAB_FAULT", None)
+    if fault:
+        env["VAE_LAB_FAULT"] = fault
+    return subprocess.run([sys.executable, SCRIPT, folder, "--device", "cpu"], env=env, capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def final_state(folder) -> dict:
+    return jobs.load_checkpoint(jobs.checkpoint_paths(folder)[0])
+
+
+def assert_same_training(a: dict, b: dict) -> None:
+    assert a["step"] == b["step"] == TOTAL
+    for part in ("decoder",):
+        assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
+    assert a["ema"]["updates"] == b["ema"]["updates"] and a["ema"]["shadow"].keys() == b["ema"]["shadow"].keys()
+    assert all(torch.equal(a["ema"]["shadow"][k], b["ema"]["shadow"][k]) for k in a["ema"]["shadow"])
+    opt_a, opt_b = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert opt_a.keys() == opt_b.keys()
+    for key in opt_a:
+        assert all(torch.equal(opt_a[key][n], opt_b[key][n]) for n in ("exp_avg", "exp_avg_sq"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    folder = make_job(tmp_path_factory.mktemp("jobs"), "reference")
+    result = run_worker(folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return folder
+
+
+def test_a_job_runs_to_the_end_with_status_metrics_and_bounded_checkpoints(reference):
+    status = jobs.read_json(os.path.join(reference, "status.json"))
+    assert status["state"] == "done" and status["step"] == TOTAL and status["images_per_second"] > 0
+    names = [os.path.basename(p) for p in jobs.checkpoint_paths(reference)]
+    assert names == ["step_00000012.pt", "step_00000008.pt", "step_00000004.pt"]  # keep_last 3 of 3
+    rows = [json.loads(line) for line in open(os.path.join(reference, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if r["kind"] == "step"] == [2, 4, 6, 8, 10, 12]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert evals and all(r["psnr"] > 10 for r in evals)
+    assert not [n for n in os.listdir(os.path.join(reference, "checkpoints")) if n.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("phase", ["mid-step@6", "after-temp-write@8", "after-rename@8", "latent-cache"])
+def test_a_killed_job_resumes_to_exactly_the_uninterrupted_weights(tmp_path, reference, phase):
+    folder = make_job(tmp_path, "crashy")
+    killed = run_worker(folder, fault=phase)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+    assert jobs.read_json(os.path.join(folder, "status.json"))["state"] == "running"  # what a restart finds
+    steps_on_disk = [int(os.path.basename(p)[5:13]) for p in jobs.checkpoint_paths(folder)]
+    if phase == "latent-cache":
+        assert steps_on_disk == []
+    else:
+        kill_step = int(phase.split("@")[1])
+        assert steps_on_disk and max(steps_on_disk) >= kill_step - INTERVAL  # lost at most one interval
+    resumed = run_worker(folder)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_training(final_state(folder), final_state(reference))
+
+
+def test_a_corrupt_checkpoint_is_skipped_for_the_previous_one(tmp_path, reference):
+    folder = make_job(tmp_path, "torn")
+    assert run_worker(folder, fault="after-rename@8").returncode == -signal.SIGKILL
+    newest = jobs.checkpoint_paths(folder)[0]
+    with open(newest, "r+b") as f:  # a torn write that got renamed anyway
+        f.truncate(os.path.getsize(newest) // 3)
+    assert jobs.latest_checkpoint(folder)["step"] == 4
+    resumed = run_worker(folder)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = open(os.path.join(folder, "metrics.jsonl")).read()
+    assert "skipped a broken checkpoint: step_00000008.pt" in log and "resumed from step 4" in log
+    assert_same_training(final_state(folder), final_state(reference))
+
+
+def test_stop_request_checkpoints_and_a_restart_finishes(tmp_path):
+    folder = make_job(tmp_path, "stoppable", held=False)
+    jobs.write_json_atomic(os.path.join(folder, "control.json"), {"command": "stop"})
+    stopped = run_worker(folder)
+    assert stopped.returncode == 0
+    status = jobs.read_json(os.path.join(folder, "status.json"))
+    assert status["state"] == "stopped" and status["step"] == 0 and not os.path.exists(os.path.join(folder, "control.json"))
+    assert run_worker(folder).returncode == 0
+    assert jobs.read_json(os.path.join(folder, "status.json"))["state"] == "done"
+
+
+def test_non_finite_steps_roll_back_with_a_lower_lr_and_never_reach_a_checkpoint(tmp_path):
+    folder = make_job(tmp_path, "nan", held=False)
+    result = run_worker(folder, fault="nan@5")
+    assert result.returncode == 0, result.stderr[-3000:]
+    log = open(os.path.join(folder, "metrics.jsonl")).read()
+    assert "3 non-finite steps in a row at step 8: back to step 4 with lr 0.00015" in log
+    for path in jobs.checkpoint_paths(folder):
+        state = jobs.load_checkpoint(path)
+        assert all(torch.isfinite(v).all() for v in state["decoder"].values())
+    assert jobs.read_json(os.path.join(folder, "status.json"))["state"] == "done"
+    assert final_state(folder)["recipe"]["lr"] == pytest.approx(1.5e-4)
+
+
+def test_out_of_memory_ends_the_job_with_advice_and_keeps_the_checkpoint(tmp_path):
+    folder = make_job(tmp_path, "oom", held=False)
+    result = run_worker(folder, fault="oom@6")
+    assert result.returncode == 3
+    status = jobs.read_json(os.path.join(folder, "status.json"))
+    assert status["state"] == "failed" and "lower batch_size or crop_size" in status["message"]
+    assert jobs.latest_checkpoint(folder)["step"] == 4
+
+
+def test_job_names_cannot_leave_the_jobs_folder(tmp_path):
+    for bad in ("../escape", "a/b", "..", ".hidden", "", "x" * 81, "/abs", "a\\b"):
+        with pytest.raises(jobs.JobError):
+            jobs.job_folder(str(tmp_path), bad)
+    assert jobs.job_folder(str(tmp_path), "my-job_1.v2") == os.path.join(os.path.realpath(tmp_path), "my-job_1.v2")
+    make_job(tmp_path, "taken", held=False)
+    with pytest.raises(jobs.JobError, match="exists already"):
+        make_job(tmp_path, "taken", held=False)

@@ -1,0 +1,17 @@
+#!/usr/bin/env python3
+"""Runs (or resumes) a VAE Lab finetuning job folder, with or without ComfyUI:
+
+    python tools/run_job.py <job folder> [--device cuda|cpu]
+
+Start Finetune Job launches this very file with ComfyUI's Python. Only the host-free ``training`` library is
+imported (the pack folder goes on sys.path; ComfyUI is not involved, so its ``nodes`` is never shadowed).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from training.jobs import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,375 @@
+"""Background finetuning jobs: a job folder that holds everything, and the worker that trains it.
+
+A job folder (``<jobs root>/<name>/``) is self-contained, so the worker can run it from a shell without ComfyUI
+(``python tools/run_job.py <job folder>``) and a job survives any crash:
+
+- ``job.json``       what to train: format version, recipe, trainer config, total steps, checkpoint interval,
+                     image lists (train / held out), family and latent scale/shift of the base;
+- ``base.safetensors`` the base VAE's canonical weights (encoder + decoder), snapshotted when the job was made;
+- ``status.json``    state, step / total, images/s, ETA, message, pid — rewritten atomically;
+- ``control.json``   a request from outside (``stop`` / ``pause``), polled every step;
+- ``metrics.jsonl``  one line per logged step and per held-out evaluation;
+- ``checkpoints/step_XXXXXXXX.pt`` the trainer's full state (weights, EMA, optimisers, critic, step, data pool
+                     fingerprint, format version), written to a temporary file, fsynced, renamed; the last
+                     ``keep_last`` kept. A checkpoint that does not load (torn, truncated, wrong format) is skipped
+                     and the previous one used.
+
+Every schedule and batch of the trainer is a function of the global step, so a job resumed from a checkpoint
+continues exactly where that checkpoint was (bit for bit on a CPU with fixed threads).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import data, finetune, recipes
+from .files import read_weight_file, save_safetensors_atomic
+from .latent_cache import LatentCache
+from .vae_files import build_autoencoder
+
+JOB_FORMAT = "vae_lab.job"
+JOB_VERSION = 1
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+STATES = ("queued", "running", "paused", "stopped", "interrupted", "done", "failed")
+ROLLBACK_AFTER = 3  # consecutive non-finite steps before going back to the last checkpoint with half the LR
+
+
+class JobError(ValueError):
+    """A job that cannot be made or run as asked; the message says what to change."""
+
+
+def job_folder(root: str, name: str) -> str:
+    """``root/name``, refusing names that could leave ``root`` (separators, '..', hidden names, odd characters)."""
+    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
+        raise JobError(f"job name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit "
+                       "(at most 80 characters)")
+    root_real = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(root_real, name))
+    if os.path.dirname(path) != root_real:
+        raise JobError(f"job name {name!r} leaves the jobs folder")
+    return path
+
+
+def write_json_atomic(path: str, value) -> None:
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w") as f:
+        json.dump(value, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(folder: str) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_json(path: str, default=None):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return default
+
+
+@dataclass
+class JobSpec:
+    """What a job trains; everything the worker needs besides the base weights."""
+
+    recipe: dict  # a full recipe (Recipe.as_dict())
+    config: dict  # FinetuneConfig fields
+    total_steps: int
+    checkpoint_interval: int
+    train_images: list[str]
+    held_out_images: list[str] = field(default_factory=list)
+    family: str = ""
+    latent_scale: float = 1.0
+    latent_shift: float = 0.0
+    keep_last: int = 3
+    log_every: int = 5
+    threads: int = 0  # 0: torch's default
+    format: str = JOB_FORMAT
+    version: int = JOB_VERSION
+
+
+def create_job(root: str, name: str, base_tensors: dict[str, torch.Tensor], spec: JobSpec) -> str:
+    """Makes ``root/name`` with its base weights, job.json and a 'queued' status. Refuses an existing job."""
+    folder = job_folder(root, name)
+    if os.path.exists(folder):
+        raise JobError(f"a job named {name!r} exists already; pick another name or delete it first")
+    if spec.total_steps < 1 or spec.checkpoint_interval < 1:
+        raise JobError("total_steps and checkpoint_interval must be at least 1")
+    if not spec.train_images:
+        raise JobError("a job needs training images")
+    os.makedirs(os.path.join(folder, "checkpoints"))
+    save_safetensors_atomic(base_tensors, os.path.join(folder, "base.safetensors"), {"vae_lab.family": spec.family})
+    write_json_atomic(os.path.join(folder, "job.json"), asdict(spec))
+    write_status(folder, "queued", step=0, total=spec.total_steps, message="waiting for the worker")
+    return folder
+
+
+def write_status(folder: str, state: str, **values) -> dict:
+    status = {**read_json(os.path.join(folder, "status.json"), {}), **values, "state": state, "updated": time.time()}
+    write_json_atomic(os.path.join(folder, "status.json"), status)
+    return status
+
+
+def load_spec(folder: str) -> JobSpec:
+    raw = read_json(os.path.join(folder, "job.json"))
+    if not raw or raw.get("format") != JOB_FORMAT:
+        raise JobError(f"{folder}: no readable job.json (not a VAE Lab job folder)")
+    if raw.get("version", 0) > JOB_VERSION:
+        raise JobError(f"{folder}: made by a newer VAE Lab (job format {raw['version']}); update VAE Lab")
+    return JobSpec(**{k: v for k, v in raw.items() if k in JobSpec.__dataclass_fields__})
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+CHECKPOINT = re.compile(r"^step_(\d{8})\.pt$")
+
+
+def checkpoint_paths(folder: str) -> list[str]:
+    """Complete checkpoint files, newest first (temporary files are never listed)."""
+    directory = os.path.join(folder, "checkpoints")
+    try:
+        names = [n for n in os.listdir(directory) if CHECKPOINT.match(n)]
+    except OSError:
+        return []
+    return [os.path.join(directory, n) for n in sorted(names, reverse=True)]
+
+
+def load_checkpoint(path: str) -> dict:
+    """A checkpoint's state, checked: it loads with weights_only, has the trainer's format, and its step is
+    the one in its name. Raises JobError otherwise."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torn/truncated zip, unpickling errors: all mean "not usable"
+        raise JobError(f"{os.path.basename(path)}: unreadable ({type(exc).__name__}: {str(exc)[:120]})") from exc
+    expected = int(CHECKPOINT.match(os.path.basename(path)).group(1))
+    if not isinstance(state, dict) or state.get("format") != finetune.STATE_FORMAT or state.get("step") != expected:
+        raise JobError(f"{os.path.basename(path)}: not a training state for step {expected}")
+    return state
+
+
+def latest_checkpoint(folder: str, log=None) -> dict | None:
+    """The newest checkpoint that loads; broken ones are reported through ``log`` and skipped."""
+    for path in checkpoint_paths(folder):
+        try:
+            return load_checkpoint(path)
+        except JobError as exc:
+            if log:
+                log(f"skipped a broken checkpoint: {exc}")
+    return None
+
+
+def save_checkpoint(folder: str, state: dict, keep_last: int, fault=lambda phase, step=None: None) -> str:
+    """temp + fsync + rename, then the oldest beyond ``keep_last`` removed. Non-finite weights are refused."""
+    bad = [k for k, v in state["decoder"].items() if not torch.isfinite(v).all()]
+    if bad:
+        raise JobError(f"refusing to checkpoint non-finite weights ({bad[:3]})")
+    path = os.path.join(folder, "checkpoints", f"step_{state['step']:08d}.pt")
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    fault("after-temp-write", state["step"])
+    os.replace(temporary, path)
+    _fsync_dir(os.path.dirname(path))
+    fault("after-rename", state["step"])
+    for old in checkpoint_paths(folder)[keep_last:]:
+        os.remove(old)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# fault injection (tests): VAE_LAB_FAULT="<phase>@<step>" kills the worker with SIGKILL at that phase of that step;
+# phases: mid-step, after-temp-write, after-rename, latent-cache; also nan@<step> (three non-finite steps from
+# there) and oom@<step> (a CUDA out-of-memory error at that step).
+
+
+class Faults:
+    def __init__(self, spec: str | None):
+        self.phase, self.step = None, -1
+        if spec:
+            phase, _, step = spec.partition("@")
+            self.phase, self.step = phase, int(step or 0)
+
+    def __call__(self, phase: str, step: int | None = None) -> None:
+        if self.phase == phase and (step is None or step == self.step):
+            sys.stdout.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ----------------------------------------------------------------------------------------------
+# the worker
+
+
+class Worker:
+    def __init__(self, folder: str, device: str | None = None):
+        self.folder = folder
+        self.spec = load_spec(folder)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.faults = Faults(os.environ.get("VAE_LAB_FAULT"))
+
+    def log(self, message: str) -> None:
+        self.metric({"kind": "log", "message": message})
+
+    def metric(self, row: dict) -> None:
+        with open(os.path.join(self.folder, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({**row, "time": time.time()}) + "\n")
+
+    def control(self) -> str | None:
+        return (read_json(os.path.join(self.folder, "control.json"), {}) or {}).get("command")
+
+    def _images(self, paths: list[str]) -> list:
+        images = []
+        for path in paths:
+            try:
+                images.append(data.load_image01(path))
+            except Exception as exc:  # noqa: BLE001  (any unreadable file is skipped and counted)
+                self.log(f"skipped {os.path.basename(path)}: {exc}")
+        return images
+
+    def _run(self, recipe: recipes.Recipe, state: dict | None, cache, held_out) -> finetune.DecoderFinetune:
+        tensors, _ = read_weight_file(os.path.join(self.folder, "base.safetensors"))
+        model = build_autoencoder(self.spec.family, tensors, self.spec.latent_scale, self.spec.latent_shift).eval()
+        config = finetune.FinetuneConfig(**self.spec.config)
+        return finetune.DecoderFinetune(model, recipe, config, cache, held_out, None, state, self.device)
+
+    def run(self) -> str:
+        spec = self.spec
+        if spec.threads:
+            torch.set_num_threads(spec.threads)
+        write_status(self.folder, "running", pid=os.getpid(), message="loading images and encoding crops",
+                     total=spec.total_steps, device=str(self.device))
+        recipe = recipes.Recipe(**spec.recipe)
+        if recipe.uses_lpips:
+            raise JobError(f"recipe {recipe.name} needs LPIPS; background jobs run furception-nolpips-style recipes here")
+        state = latest_checkpoint(self.folder, self.log)
+        train = self._images(spec.train_images)
+        held = self._images(spec.held_out_images)
+        if not train:
+            raise JobError("none of the training images could be read")
+        tensors, _ = read_weight_file(os.path.join(self.folder, "base.safetensors"))
+        encoder_model = build_autoencoder(spec.family, tensors, spec.latent_scale, spec.latent_shift).eval()
+        encoded = {"chunks": 0}
+
+        def encode(images01):
+            encoded["chunks"] += 1
+            if encoded["chunks"] == 1:  # the pool is being encoded
+                self.faults("latent-cache")
+            with torch.no_grad():
+                return encoder_model.encode(images01)
+
+        def plain_encode(images01):
+            with torch.no_grad():
+                return encoder_model.encode(images01)
+
+        config = finetune.FinetuneConfig(**spec.config)
+        held_out = finetune.encode_held_out(held, [os.path.basename(p) for p in spec.held_out_images[: len(held)]],
+                                            plain_encode, config.eval_size) if held else None
+        with LatentCache(train, config.crop_size, config.crops_per_image, config.seed, encode) as cache:
+            run = self._run(recipe, state, cache, held_out)
+            if state is not None:
+                self.log(f"resumed from step {state['step']}")
+            return self._train(run, recipe, cache, held_out)
+
+    def _train(self, run: finetune.DecoderFinetune, recipe, cache, held_out) -> str:
+        spec, fault = self.spec, self.faults
+        hook = _decoding(run.model).register_forward_hook(lambda *_: fault("mid-step", run.step)) \
+            if fault.phase == "mid-step" else None
+        nan_from = fault.step if fault.phase == "nan" else None
+        started, start_step, consecutive = time.perf_counter(), run.step, 0
+        while run.step < spec.total_steps:
+            command = self.control()
+            if command in ("stop", "pause"):
+                save_checkpoint(self.folder, run.state_dict(), spec.keep_last, fault)
+                state = "stopped" if command == "stop" else "paused"
+                write_status(self.folder, state, step=run.step, message=f"{state} at step {run.step} (checkpoint written)")
+                os.remove(os.path.join(self.folder, "control.json"))
+                return state
+            if fault.phase == "oom" and run.step == fault.step:
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by VAE_LAB_FAULT)")
+            poison = nan_from is not None and nan_from <= run.step < nan_from + ROLLBACK_AFTER
+            handle = _decoding(run.model).register_forward_hook(lambda _m, _i, out: out * float("nan")) if poison else None
+            try:
+                logs = run.train_step()
+            finally:
+                if handle is not None:
+                    handle.remove()
+            if poison and run.step >= nan_from + ROLLBACK_AFTER:
+                nan_from = None  # injected once
+            consecutive = consecutive + 1 if logs.get("skipped") else 0
+            if consecutive >= ROLLBACK_AFTER:
+                run, recipe = self._rollback(run, recipe, cache, held_out)
+                consecutive = 0
+                continue
+            if run.step % spec.log_every == 0 or run.step == spec.total_steps:
+                self.metric({"kind": "step", **{k: v for k, v in logs.items() if isinstance(v, (int, float, bool))}})
+                elapsed = time.perf_counter() - started
+                rate = (run.step - start_step) * run.config.batch_size / max(elapsed, 1e-9)
+                left = (spec.total_steps - run.step) * run.config.batch_size / max(rate, 1e-9)
+                write_status(self.folder, "running", step=run.step, images_per_second=rate, eta_seconds=left,
+                             message=f"step {run.step} / {spec.total_steps}")
+            if held_out is not None and run.config.eval_every and run.step % run.config.eval_every == 0:
+                self.metric({"kind": "eval", **run.evaluate()})
+            if run.step % spec.checkpoint_interval == 0 or run.step == spec.total_steps:
+                save_checkpoint(self.folder, run.state_dict(), spec.keep_last, fault)
+        if hook is not None:
+            hook.remove()
+        if held_out is not None:
+            self.metric({"kind": "eval", **run.evaluate()})
+        write_status(self.folder, "done", step=run.step, message=f"finished {run.step} steps")
+        return "done"
+
+    def _rollback(self, run, recipe, cache, held_out):
+        state = latest_checkpoint(self.folder, self.log)
+        lower = finetune.recipe_with(recipe, lr=recipe.lr * 0.5)
+        self.log(f"{ROLLBACK_AFTER} non-finite steps in a row at step {run.step}: back to "
+                 f"{'step ' + str(state['step']) if state else 'the start'} with lr {lower.lr:g}")
+        return self._run(lower, state, cache, held_out), lower
+
+
+def _decoding(model: torch.nn.Module) -> torch.nn.Module:
+    """The submodule every decode runs through (for the fault hooks; ``decode`` bypasses ``forward``)."""
+    return getattr(model, "decoder", None) or model.up_blocks
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Run (or resume) a VAE Lab finetuning job folder.")
+    parser.add_argument("folder", help="the job folder (made by Start Finetune Job or training.jobs.create_job)")
+    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
+    args = parser.parse_args(argv)
+    folder = os.path.abspath(args.folder)
+    worker = Worker(folder, args.device)
+    try:
+        state = worker.run()
+    except torch.cuda.OutOfMemoryError:
+        write_status(folder, "failed", message=(
+            f"out of GPU memory at batch {worker.spec.config.get('batch_size')}, crop {worker.spec.config.get('crop_size')}: "
+            "lower batch_size or crop_size, or turn on gradient_checkpointing; the last checkpoint is kept"))
+        return 3
+    except (JobError, finetune.FinetuneError) as exc:
+        write_status(folder, "failed", message=str(exc))
+        return 2
+    return 0 if state in ("done", "stopped", "paused") else 1
