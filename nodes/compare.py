@@ -152,7 +152,7 @@ class CompareReconstructions(io.ComfyNode):
                 io.Int.Input("a", default=1, min=1, max=64, tooltip="Which VAE of the list is side A of the slider and image_a."),
                 io.Int.Input("b", default=2, min=1, max=64, tooltip="Which VAE is side B (with one VAE: the reference)."),
                 io.Vae.Input("encoder", optional=True, tooltip="shared encoder mode: the VAE whose encoder makes the latents."),
-                io.Boolean.Input("rfid", default=False,
+                io.Boolean.Input("rfid", default=False, optional=True,
                                  tooltip="Also rFID (distribution distance of reconstructions to references). Opt-in: needs "
                                          "the pytorch-fid package and pt_inception-2015-12-05-6726825d.pth in models/inception "
                                          "(never downloaded), and hundreds of images to mean much."),

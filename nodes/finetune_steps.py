@@ -135,7 +135,7 @@ class DecoderFinetuneSteps(io.ComfyNode):
                                        "publish); raw = the last step's weights."),
                 io.Boolean.Input("gradient_checkpointing", default=False,
                                  tooltip="Recompute activations per decoder block: much less memory, ~30 % slower."),
-                io.Boolean.Input("posthoc_ema", default=False,
+                io.Boolean.Input("posthoc_ema", default=False, optional=True,  # optional: older prompts lack it
                                  tooltip="Keep snapshots of two power-function EMAs (EDM2) in the training_state, so Post-hoc "
                                          "EMA can rebuild the decoder for any EMA length afterwards. Costs up to 34 fp16 "
                                          "copies of the decoder in memory (TAEF2 ~0.1 GB, SD kl-f8 ~3.4 GB)."),

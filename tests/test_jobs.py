@@ -41,6 +41,11 @@ def run_worker(folder, fault: str | None = None, timeout: float = 300) -> subpro
                           timeout=timeout, check=False)
 
 
+def read_text(path) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def final_state(folder) -> dict:
     return jobs.load_checkpoint(jobs.checkpoint_paths(folder)[0])
 
@@ -70,7 +75,7 @@ def test_a_job_runs_to_the_end_with_status_metrics_and_bounded_checkpoints(refer
     assert status["state"] == "done" and status["step"] == TOTAL and status["images_per_second"] > 0
     names = [os.path.basename(p) for p in jobs.checkpoint_paths(reference)]
     assert names == ["step_00000012.pt", "step_00000008.pt", "step_00000004.pt"]  # keep_last 3 of 3
-    rows = [json.loads(line) for line in open(os.path.join(reference, "metrics.jsonl"))]
+    rows = [json.loads(line) for line in read_text(os.path.join(reference, "metrics.jsonl")).splitlines()]
     assert [r["step"] for r in rows if r["kind"] == "step"] == [2, 4, 6, 8, 10, 12]
     evals = [r for r in rows if r["kind"] == "eval"]
     assert evals and all(r["psnr"] > 10 for r in evals)
@@ -103,7 +108,7 @@ def test_a_corrupt_checkpoint_is_skipped_for_the_previous_one(tmp_path, referenc
     assert jobs.latest_checkpoint(folder)["step"] == 4
     resumed = run_worker(folder)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    log = open(os.path.join(folder, "metrics.jsonl")).read()
+    log = read_text(os.path.join(folder, "metrics.jsonl"))
     assert "skipped a broken checkpoint: step_00000008.pt" in log and "resumed from step 4" in log
     assert_same_training(final_state(folder), final_state(reference))
 
@@ -123,7 +128,7 @@ def test_non_finite_steps_roll_back_with_a_lower_lr_and_never_reach_a_checkpoint
     folder = make_job(tmp_path, "nan", held=False)
     result = run_worker(folder, fault="nan@5")
     assert result.returncode == 0, result.stderr[-3000:]
-    log = open(os.path.join(folder, "metrics.jsonl")).read()
+    log = read_text(os.path.join(folder, "metrics.jsonl"))
     assert "3 non-finite steps in a row at step 8: back to step 4 with lr 0.00015" in log
     for path in jobs.checkpoint_paths(folder):
         state = jobs.load_checkpoint(path)
