@@ -15,7 +15,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,27 +34,19 @@ def main() -> None:
     from host_boot import boot
 
     boot(args.comfyui)
-    import folder_paths
     import numpy as np
     import torch
-    from safetensors.torch import save_file
-
-    import nodes
     from vae_lab.nodes.compare import CompareReconstructions, VAEList
     from vae_lab.nodes.load_tiny_autoencoder import BUNDLED_TAEF2, LoadTinyAutoencoder
     from vae_lab.nodes.load_vae_decoder import LoadVAEDecoder
-    from vae_lab.training import data, klf8, metrics, taesd
+    from vae_lab.training import data, metrics
 
-    scratch = tempfile.mkdtemp(prefix="vae_lab_bench_")
-    for folder in ("vae", "vae_approx"):
-        os.makedirs(os.path.join(scratch, folder))
-        folder_paths.add_model_folder_path(folder, os.path.join(scratch, folder), is_default=True)
-    torch.manual_seed(0)
-    save_file(klf8.KlAutoencoder().state_dict(), os.path.join(scratch, "vae", "kl4.safetensors"))
-    tiny = taesd.TinyAutoencoder(4).state_dict()
-    for part in ("encoder", "decoder"):
-        save_file({k[len(part) + 1:]: v for k, v in tiny.items() if k.startswith(part + ".")},
-                  os.path.join(scratch, "vae_approx", f"taesd_{part}.safetensors"))
+    import nodes
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from random_vaes import write_random_vaes
+
+    write_random_vaes()
     kl = LoadVAEDecoder.execute(vae_name="kl4.safetensors", encoder="from this file", base_file="(none)").result[0]
     pair = LoadTinyAutoencoder.execute(name="taesd", latent_space="auto", encoder="from this file").result[0]
     taef2 = LoadTinyAutoencoder.execute(name=BUNDLED_TAEF2, latent_space="auto", encoder="from this file").result[0]

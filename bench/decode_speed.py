@@ -16,7 +16,6 @@ import importlib.util
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +35,6 @@ def main() -> None:
     from comfy.cli_args import args as comfy_args
 
     comfy_args.cpu = args.cpu or not torch.cuda.is_available()
-    import folder_paths
     import utils.extra_config  # noqa: F401  (before nodes)
     from safetensors.torch import save_file
 
@@ -47,18 +45,12 @@ def main() -> None:
     spec.loader.exec_module(module)
     from vae_lab.nodes.load_tiny_autoencoder import LoadTinyAutoencoder
     from vae_lab.nodes.load_vae_decoder import LoadVAEDecoder
-    from vae_lab.training import klf8, layouts, taesd
+    from vae_lab.training import layouts, taesd
 
-    scratch = tempfile.mkdtemp(prefix="vae_lab_bench_")
-    for folder in ("vae", "vae_approx"):
-        os.makedirs(os.path.join(scratch, folder))
-        folder_paths.add_model_folder_path(folder, os.path.join(scratch, folder), is_default=True)
-    torch.manual_seed(0)
-    save_file(klf8.KlAutoencoder().state_dict(), os.path.join(scratch, "vae", "kl4.safetensors"))
-    tiny = taesd.TinyAutoencoder(4).state_dict()
-    for part in ("encoder", "decoder"):
-        save_file({k[len(part) + 1:]: v for k, v in tiny.items() if k.startswith(part + ".")},
-                  os.path.join(scratch, "vae_approx", f"taesd_{part}.safetensors"))
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from random_vaes import write_random_vaes
+
+    scratch = write_random_vaes()
     taef2 = taesd.load_tiny_autoencoder(os.path.join(PACK, "assets", "taef2", "taef2_encoder.pth"),
                                         os.path.join(PACK, "assets", "taef2", "taef2_decoder.pth")).state_dict()
     without_branch = {k: v for k, v in taef2.items() if ".pool." not in k}

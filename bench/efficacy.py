@@ -19,9 +19,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from training import data, finetune, perceptual, recipes, taesd  # noqa: E402
+from training import data, finetune, perceptual, recipes, taesd
 
 HELD_OUT = ["hubble_deep_field.jpg", "ihc.png", "retina.jpg"]
 

@@ -58,7 +58,7 @@ def variant(args) -> dict:
     model = build(args.family).to(device).eval()
     recipe = finetune.recipe_with(recipes.RECIPES["furception-nolpips"], gan_start=0, critic_warmup_steps=0)
     pictures = images()
-    encode = lambda x: model.encode(x.to(device))  # noqa: E731
+    encode = lambda x: model.encode(x.to(device))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
