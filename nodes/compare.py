@@ -282,8 +282,6 @@ class CompareLatent(io.ComfyNode):
 
         import comfy.utils
 
-        from ..training import metrics, visualize
-
         if not vae_list:
             raise ValueError("Compare Decoders on a Latent: vae_list is empty; connect VAE List nodes")
         latents = samples["samples"]
@@ -301,18 +299,12 @@ class CompareLatent(io.ComfyNode):
         if len(sizes) > 1:
             raise ValueError(f"Compare Decoders on a Latent: the decoders give different sizes {sorted(sizes)}: "
                              "they upscale by different ratios, so they are not decoders of one latent space")
-        labels = list(decoded)
-        stats = {label: compare.decode_statistics(d) for label, d in decoded.items()}
-        first = decoded[labels[0]].clamp(0, 1)
-        for label in labels[1:]:
-            stats[label]["delta_e_vs_first"] = metrics.delta_e(decoded[label].clamp(0, 1), first)
-        rows = [[visualize.label(compare._fit(decoded[label][i].clamp(0, 1), 384),
-                                 f"{label}  detail {float(stats[label]['detail_energy'][i]) * 1e3:.2f}e-3")
-                 for label in labels] for i in range(first.shape[0])]
-        grid = visualize.grid(rows)
+        stats = compare.latent_statistics(decoded)
+        grid = compare.latent_grid(decoded, stats)
+        first = next(iter(decoded.values()))
         table = compare.latent_table(stats)
         data = {label: {k: [float(x) for x in v] for k, v in s.items()} for label, s in stats.items()}
-        text = f"{first.shape[0]} latent(s) decoded at {first.shape[-1]}x{first.shape[-2]} by {len(labels)} decoder(s)\n{table}"
+        text = f"{first.shape[0]} latent(s) decoded at {first.shape[-1]}x{first.shape[-2]} by {len(decoded)} decoder(s)\n{table}"
         return io.NodeOutput(comfy_from_images01(grid[None]), comfy_from_images01(torch.cat(list(decoded.values()))),
                              table, json.dumps(data), ui=summary_ui(text, data))
 

@@ -105,6 +105,10 @@ def test_decode_statistics_see_clipping_detail_and_colour():
     assert float(stats["flat"]["mean_chroma"]) == pytest.approx(0, abs=1e-6)
     table = compare.latent_table(stats)
     assert "| overshoot |" in table and "25.00 %" in table
+    both = compare.latent_statistics({"flat": flat, "overshoot": overshoot})
+    assert "delta_e_vs_first" not in both["flat"] and float(both["overshoot"]["delta_e_vs_first"]) > 0
+    grid = compare.latent_grid({"flat": flat, "overshoot": overshoot}, both)
+    assert grid.shape == (3, 32 + 18, 2 * 32 + 4)  # one row, two labelled columns
 
 
 def trained_decoder(seed: int) -> dict[str, torch.Tensor]:

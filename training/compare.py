@@ -157,6 +157,25 @@ def decode_statistics(decoded01: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
+def latent_grid(decoded: dict[str, torch.Tensor], stats: dict[str, dict[str, torch.Tensor]], max_side: int = 384) -> torch.Tensor:
+    """(3, H, W): rows = latents of the batch, columns = decoders, each labelled with its detail energy."""
+    labels = list(decoded)
+    rows = [[visualize.label(_fit(decoded[label][i].clamp(0, 1), max_side),
+                             f"{label}  detail {float(stats[label]['detail_energy'][i]) * 1e3:.2f}e-3") for label in labels]
+            for i in range(decoded[labels[0]].shape[0])]
+    return visualize.grid(rows)
+
+
+def latent_statistics(decoded: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """decode_statistics per decoder, plus each decoder's ΔE against the first one's decode."""
+    labels = list(decoded)
+    stats = {label: decode_statistics(d) for label, d in decoded.items()}
+    first = decoded[labels[0]].clamp(0, 1)
+    for label in labels[1:]:
+        stats[label]["delta_e_vs_first"] = metrics.delta_e(decoded[label].clamp(0, 1), first)
+    return stats
+
+
 LATENT_COLUMNS = {
     "detail_energy": ("detail energy (×1e3)", lambda v: f"{v * 1e3:.3f}"),
     "out_of_range": ("out of [0,1]", lambda v: f"{v * 100:.2f} %"),

@@ -9,7 +9,7 @@ A job folder (``<jobs root>/<name>/``) is self-contained, so the worker can run 
 - ``status.json``    state, step / total, images/s, ETA, message, pid — rewritten atomically;
 - ``control.json``   a request from outside (``stop`` / ``pause``), polled every step;
 - ``metrics.jsonl``  one line per logged step and per held-out evaluation;
-- ``checkpoints/step_XXXXXXXX.pt`` the trainer's full state (weights, EMA, optimisers, critic, step, data pool
+- ``checkpoints/step_<8-digit step>.pt`` the trainer's full state (weights, EMA, optimisers, critic, step, data pool
                      fingerprint, format version), written to a temporary file, fsynced, renamed; the last
                      ``keep_last`` kept. A checkpoint that does not load (torn, truncated, wrong format) is skipped
                      and the previous one used.
