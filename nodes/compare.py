@@ -12,7 +12,7 @@ import uuid
 import torch
 from comfy_api.latest import io
 
-from ..training import compare, layouts, perceptual
+from ..training import compare, layouts, perceptual, report
 from ..training.vae_files import VaeFileError
 from .common import CATEGORY, summary_ui
 from .finetune_steps import TrainingState
@@ -427,7 +427,7 @@ class PostHocEMA(io.ComfyNode):
                     model.load_state_dict(compare.posthoc_ema(snapshots, length), strict=False)
                     per_image[f"σ_rel {length:g}" + (" (chosen)" if length == sigma_rel else "")] = \
                         metrics.reconstruction_metrics(model.decode(latents.float()), reference)
-            table = compare.report.markdown_table(per_image)
+            table = report.markdown_table(per_image)
             lines.append(table)
             values["table"] = {k: {m: float(v.mean()) for m, v in d.items()} for k, d in per_image.items()}
         new_vae = vae_with_decoder(vae, family, tensors, scale, shift)
