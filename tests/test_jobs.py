@@ -154,3 +154,19 @@ def test_job_names_cannot_leave_the_jobs_folder(tmp_path):
     make_job(tmp_path, "taken", held=False)
     with pytest.raises(jobs.JobError, match="exists already"):
         make_job(tmp_path, "taken", held=False)
+
+
+def test_the_worker_checkpoints_and_stops_when_its_parent_is_gone(tmp_path):
+    """Started by ComfyUI with --parent-pid: when that process ends, the worker checkpoints and stops as
+    'interrupted' instead of holding the GPU as an orphan; a restart finishes the job."""
+    folder = make_job(tmp_path, "orphan", total=400, interval=400, held=False)
+    parent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(6)"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("VAE_LAB_FAULT", None)
+    worker = subprocess.run([sys.executable, SCRIPT, folder, "--device", "cpu", "--parent-pid", str(parent.pid)],
+                            env=env, capture_output=True, text=True, timeout=300, check=False)
+    parent.wait()
+    assert worker.returncode == 0, worker.stderr[-2000:]
+    status = jobs.read_json(os.path.join(folder, "status.json"))
+    assert status["state"] == "interrupted" and 0 <= status["step"] < 400, status
+    assert jobs.latest_checkpoint(folder)["step"] == status["step"]

@@ -223,8 +223,9 @@ class Faults:
 
 
 class Worker:
-    def __init__(self, folder: str, device: str | None = None):
+    def __init__(self, folder: str, device: str | None = None, parent_pid: int | None = None):
         self.folder = folder
+        self.parent_pid = parent_pid  # ComfyUI's pid: when it is gone, checkpoint and stop (no orphan holds the GPU)
         self.spec = load_spec(folder)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.faults = Faults(os.environ.get("VAE_LAB_FAULT"))
@@ -299,6 +300,11 @@ class Worker:
         nan_from = fault.step if fault.phase == "nan" else None
         started, start_step, consecutive = time.perf_counter(), run.step, 0
         while run.step < spec.total_steps:
+            if self.parent_pid and not _alive(self.parent_pid):
+                save_checkpoint(self.folder, run.state_dict(), spec.keep_last, fault)
+                write_status(self.folder, "interrupted", step=run.step,
+                             message=f"ComfyUI stopped at step {run.step}; checkpoint written, resume to continue")
+                return "interrupted"
             command = self.control()
             if command in ("stop", "pause"):
                 save_checkpoint(self.folder, run.state_dict(), spec.keep_last, fault)
@@ -348,6 +354,24 @@ class Worker:
         return self._run(lower, state, cache, held_out), lower
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not _is_zombie(pid)  # an ended process not yet reaped by its own parent still answers kill(pid, 0)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return False
+
+
 def _decoding(model: torch.nn.Module) -> torch.nn.Module:
     """The submodule every decode runs through (for the fault hooks; ``decode`` bypasses ``forward``)."""
     return getattr(model, "decoder", None) or model.up_blocks
@@ -359,9 +383,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run (or resume) a VAE Lab finetuning job folder.")
     parser.add_argument("folder", help="the job folder (made by Start Finetune Job or training.jobs.create_job)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: CUDA when present)")
+    parser.add_argument("--parent-pid", type=int, default=None,
+                        help="stop (with a checkpoint, state 'interrupted') when this process is gone, e.g. ComfyUI")
     args = parser.parse_args(argv)
     folder = os.path.abspath(args.folder)
-    worker = Worker(folder, args.device)
+    worker = Worker(folder, args.device, args.parent_pid)
     try:
         state = worker.run()
     except torch.cuda.OutOfMemoryError:
@@ -372,4 +398,4 @@ def main(argv: list[str] | None = None) -> int:
     except (JobError, finetune.FinetuneError) as exc:
         write_status(folder, "failed", message=str(exc))
         return 2
-    return 0 if state in ("done", "stopped", "paused") else 1
+    return 0 if state in ("done", "stopped", "paused", "interrupted") else 1
