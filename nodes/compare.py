@@ -402,8 +402,6 @@ class PostHocEMA(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, training_state, sigma_rel, table_lengths, images=None) -> io.NodeOutput:
-        from ..training import metrics
-
         snapshots = (training_state.get("posthoc") or {}).get("snapshots") or []
         if not snapshots:
             raise ValueError("Post-hoc EMA: this training_state has no EMA snapshots; run Decoder Finetune Steps with "
@@ -420,13 +418,13 @@ class PostHocEMA(io.ComfyNode):
             reference = compare.crop_to_multiple(reference, vae.spacial_compression_encode())
             with torch.inference_mode():
                 latents = vae.encode(reference.movedim(1, -1)).clone()
-            lengths = sorted({round(float(x), 4) for x in table_lengths.replace(";", ",").split(",") if x.strip()} | {sigma_rel})
-            per_image = {}
-            with torch.inference_mode(False), torch.no_grad():
-                for length in lengths:
-                    model.load_state_dict(compare.posthoc_ema(snapshots, length), strict=False)
-                    per_image[f"σ_rel {length:g}" + (" (chosen)" if length == sigma_rel else "")] = \
-                        metrics.reconstruction_metrics(model.decode(latents.float()), reference)
+            try:
+                lengths = [round(float(x), 4) for x in table_lengths.replace(";", ",").split(",") if x.strip()]
+            except ValueError as exc:
+                raise ValueError(f"Post-hoc EMA: table_lengths {table_lengths!r} are not numbers; write e.g. "
+                                 "'0.05, 0.10, 0.15'") from exc
+            with torch.inference_mode(False):
+                per_image = compare.posthoc_table(model, snapshots, [*lengths, sigma_rel], latents, reference, sigma_rel)
             table = report.markdown_table(per_image)
             lines.append(table)
             values["table"] = {k: {m: float(v.mean()) for m, v in d.items()} for k, d in per_image.items()}

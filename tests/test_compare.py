@@ -185,6 +185,12 @@ def test_posthoc_ema_reproduces_a_directly_tracked_power_ema():
     assert error < 0.1 * ema_vs_raw, (error, ema_vs_raw)
     with pytest.raises(ValueError, match="between 0.01 and 0.3"):
         compare.posthoc_ema(snapshots, 0.5)
+    reference = torch.from_numpy(photos(("grass.png",))[0][:64, :64]).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        latents = model.encode(reference)
+    rows = compare.posthoc_table(model, snapshots, [0.05, 0.1, 0.05], latents, reference, chosen=0.1)
+    assert list(rows) == ["σ_rel 0.05", "σ_rel 0.1 (chosen)"] and rows["σ_rel 0.05"]["psnr"].shape == (1,)
+    assert not torch.equal(rows["σ_rel 0.05"]["psnr"], rows["σ_rel 0.1 (chosen)"]["psnr"])
 
 
 def test_shared_encoder_refuses_other_spaces_and_warns_on_same_shaped_ones():

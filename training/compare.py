@@ -343,3 +343,16 @@ def check_shared_encoder(encoder: tuple[str, LatentSpace], decoders: list[tuple[
     return [f"{label} looks like {s.tag} but the shared encoder {name} looks like {space.tag}: same latent shapes, different "
             "spaces? The numbers are only meaningful for decoders of the encoder's own space"
             for label, s in decoders if s.tag and space.tag and s.tag != space.tag]
+
+
+def posthoc_table(model: torch.nn.Module, snapshots: list[dict], lengths: list[float], latents: torch.Tensor,
+                  reference01: torch.Tensor, chosen: float | None = None) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-image metrics of the decoder rebuilt at each EMA length (``model`` holds the decoder; its weights are
+    replaced in turn), for a table that makes the choice of length visible."""
+    rows = {}
+    with torch.no_grad():
+        for length in sorted(set(lengths)):
+            model.load_state_dict(posthoc_ema(snapshots, length), strict=False)
+            label = f"σ_rel {length:g}" + (" (chosen)" if chosen is not None and abs(length - chosen) < 1e-9 else "")
+            rows[label] = metrics.reconstruction_metrics(model.decode(latents.float()), reference01)
+    return rows
