@@ -5,6 +5,7 @@ from comfy_api.latest import ComfyExtension, io
 
 from .compare import CompareLatent, CompareReconstructions, MergeVAEs, PostHocEMA, VAEList
 from .finetune_steps import DecoderFinetuneSteps
+from .jobs import LoadFinetuneJob, StartFinetuneJob
 from .host import register_model_folders
 from .load_tiny_autoencoder import LoadTinyAutoencoder
 from .load_vae_decoder import LoadVAEDecoder
@@ -13,7 +14,8 @@ from .save_finetuned_vae import SaveFinetunedVAE
 from .stable_cascade import LoadStageA, StableCascadeDecode
 
 NODES: list[type[io.ComfyNode]] = [LoadVAEDecoder, LoadTinyAutoencoder, LoadStageA, VAEList, CompareReconstructions,
-                                   CompareLatent, DecoderFinetuneSteps, SaveFinetunedVAE, MergeVAEs, PostHocEMA,
+                                   CompareLatent, DecoderFinetuneSteps, StartFinetuneJob, LoadFinetuneJob, SaveFinetunedVAE,
+                                   MergeVAEs, PostHocEMA,
                                    StableCascadeDecode, OklabLoss]
 
 

@@ -382,6 +382,70 @@ def check_posthoc_ema(entry, prompt, server):
     assert not np.array_equal(_preview(server, entry, preview), _preview(server, server.run_prompt(base, timeout=900), preview))
 
 
+def _job_status(server, name):
+    return json.loads(open(os.path.join(server.base, "output", "vae_lab_jobs", name, "status.json")).read())
+
+
+def _wait_for_job(server, name, timeout=600):
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            status = _job_status(server, name)
+        except (OSError, ValueError):
+            status = {}
+        if status.get("state") in ("done", "failed"):
+            return status
+        time.sleep(1)
+    raise AssertionError(f"job {name} did not finish in {timeout}s: {status}")
+
+
+def check_background_finetune_job(entry, prompt, server):
+    """The node returns while the job trains in its own process; another workflow runs meanwhile; the job finishes
+    with its checkpoints, and the running job's worker is not ComfyUI's process."""
+    start = _node(prompt, "VAELab_StartFinetuneJob")
+    values = entry["outputs"][start]["vae_lab"][0]
+    name = prompt[start]["inputs"]["job_name"]
+    assert values["job"] == name and values["pid"] != server.process.pid
+    other = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    server.run_prompt(other, timeout=60)  # the queue is free while the job trains
+    status = _wait_for_job(server, name)
+    assert status["state"] == "done" and status["step"] == prompt[start]["inputs"]["total_steps"], status
+    error = server.run_prompt(prompt, timeout=60, expect_error=True)  # the same name again: refused, nothing lost
+    assert "exists already" in error["exception_message"]
+
+
+def prepare_load_finetune_job(server):
+    """The job load_finetune_job.json reads: made by the start workflow when an earlier test has not made it."""
+    path = os.path.join(ROOT, "example_workflows", "background_finetune_job.json")
+    if not os.path.exists(os.path.join(server.base, "output", "vae_lab_jobs", "taef2_background", "job.json")):
+        with open(path) as f:
+            server.run_prompt(ui_to_api(json.load(f), server.get("/object_info")), timeout=120)
+    _wait_for_job(server, "taef2_background")
+
+
+def check_load_finetune_job(entry, prompt, server):
+    """The loaded VAE decodes example.png exactly as the job's newest EMA checkpoint does outside ComfyUI."""
+    import torch
+
+    from training import jobs as lab_jobs
+
+    load = _node(prompt, "VAELab_LoadFinetuneJob")
+    assert "done at step 40 / 40" in entry["outputs"][load]["text"][0]
+    folder = os.path.join(server.base, "output", "vae_lab_jobs", "taef2_background")
+    state = lab_jobs.latest_checkpoint(folder)
+    model = _taef2()
+    model.load_state_dict({**model.state_dict(), **state["ema"]["shadow"]})
+    original = np.asarray(Image.open(os.path.join(server.base, "input", "example.png")).convert("RGB"), dtype=np.float32) / 255
+    x = torch.from_numpy(original).permute(2, 0, 1)[None]
+    with torch.no_grad():
+        expected = model.decode(_taef2().encode(x)).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    preview = _preview(server, entry, _node(prompt, "PreviewImage")).astype(int)
+    assert np.abs(preview - (expected * 255).astype(int)).max() <= 1
+
+
 CHECKS = {
     "oklab_loss_palette": check_oklab_loss_palette,
     "load_tiny_autoencoder_taef2": check_load_tiny_autoencoder_taef2,
@@ -394,9 +458,11 @@ CHECKS = {
     "compare_decoders_on_a_latent": check_compare_decoders_on_a_latent,
     "merge_two_finetunes": check_merge_two_finetunes,
     "posthoc_ema": check_posthoc_ema,
+    "background_finetune_job": check_background_finetune_job,
+    "load_finetune_job": check_load_finetune_job,
 }
 #: Files a workflow needs that only a user's download can supply; tests put random weights in their place.
-PREPARE = {"load_vae_decoder_sdxl": prepare_load_vae_decoder_sdxl, "stable_cascade_reconstruct": prepare_stable_cascade,
+PREPARE = {"load_vae_decoder_sdxl": prepare_load_vae_decoder_sdxl, "load_finetune_job": prepare_load_finetune_job, "stable_cascade_reconstruct": prepare_stable_cascade,
            "stable_cascade_finetune_stage_a": prepare_stable_cascade}
 
 

@@ -1,0 +1,184 @@
+"""Background finetuning: Start Finetune Job launches the worker (tools/run_job.py, a script file run by ComfyUI's own
+Python) on a job folder under output/vae_lab_jobs and returns at once; Load Finetune Job turns the job's newest (or
+the chosen) checkpoint into a VAE, while the job trains or after it ended. The worker never touches ComfyUI's
+progress bar or interrupt flag: cancelling a generation does not touch a job, and a job never cancels a generation.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+from comfy_api.latest import io
+
+from ..training import data, finetune, jobs, layouts, recipes
+from ..training.files import read_weight_file
+from ..training.layouts import KL, STAGE_A
+from .common import CATEGORY, summary_ui
+from .finetune_steps import BUNDLED, PACK_IMAGES, WEIGHTS
+from .host import output_folder, training_device
+from .host_vae import latent_scale_shift, native_vae, tiny_vae, weights_or_refusal
+
+JOBS = "vae_lab_jobs"
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "run_job.py")
+
+
+def jobs_root() -> str:
+    root = output_folder(JOBS)
+    os.makedirs(root, exist_ok=True)
+    return root
+
+
+def job_names() -> list[str]:
+    root = jobs_root()
+    return sorted(n for n in os.listdir(root) if os.path.isfile(os.path.join(root, n, "job.json")))
+
+
+class StartFinetuneJob(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VAELab_StartFinetuneJob",
+            display_name="Start Finetune Job",
+            category=CATEGORY,
+            is_output_node=True,
+            description=(
+                "Starts a decoder finetune as a background job and returns at once: the queue moves on while it trains in "
+                "its own process (your GPU when there is one). Everything the job needs is copied into "
+                "output/vae_lab_jobs/<job_name>; checkpoints are crash-safe and a stopped or killed job resumes. Pick the "
+                "result up with Load Finetune Job, any time."
+            ),
+            inputs=[
+                io.Vae.Input("vae", tooltip="The VAE whose decoder is trained (its weights are copied into the job)."),
+                io.String.Input("folder", default=BUNDLED,
+                                tooltip="A folder of training images (subfolders too); 'bundled' = VAE Lab's sample photos."),
+                io.Combo.Input("recipe", options=list(recipes.RECIPES), default=recipes.DEFAULT_RECIPE,
+                               tooltip="As in Decoder Finetune Steps; background jobs run without LPIPS for now, so "
+                                       "furception runs as furception-nolpips (said on the node)."),
+                io.Int.Input("total_steps", default=2000, min=1, max=10_000_000, tooltip="Steps of the whole job."),
+                io.Int.Input("checkpoint_interval", default=100, min=1, max=1_000_000,
+                             tooltip="Steps between checkpoints: a crash loses at most this many."),
+                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Crops per step."),
+                io.Int.Input("crop_size", default=256, min=64, max=1024, step=64, tooltip="Training crop side in pixels."),
+                io.Float.Input("learning_rate", default=0.0, min=0.0, max=0.01, step=1e-6, round=1e-8,
+                               tooltip="0 = the recipe's learning rate."),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Crops, split and critic init.",
+                             control_after_generate=True),
+                io.Float.Input("held_out_fraction", default=0.2, min=0.0, max=0.9, step=0.05,
+                               tooltip="Share of the images never trained on, for held-out metrics."),
+                io.String.Input("job_name", default="", tooltip="Letters, digits, '_', '-', '.'; empty = vae_lab_<date>_<time>."),
+            ],
+            outputs=[io.String.Output("job_id", display_name="job_id", tooltip="The job's name (its folder under output/vae_lab_jobs).")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, **_kwargs):
+        return time.time()  # every queueing starts a job (a name that exists is refused with a message)
+
+    @classmethod
+    def execute(cls, vae, folder, recipe, total_steps, checkpoint_interval, batch_size, crop_size, learning_rate, seed,
+                held_out_fraction, job_name) -> io.NodeOutput:
+        from dataclasses import asdict
+
+        weights = weights_or_refusal(vae, "Start Finetune Job")
+        if not weights.detected.has_encoder:
+            raise ValueError("Start Finetune Job: this VAE's encoder comes from another family (a hybrid); a job needs "
+                             "one VAE it can copy whole")
+        path = PACK_IMAGES if folder.strip() == BUNDLED else os.path.expanduser(folder.strip())
+        if not os.path.isdir(path):
+            raise ValueError(f"Start Finetune Job: folder {folder!r} does not exist or is not a folder")
+        found = data.ImageFolder(path, min_side=crop_size)
+        train_idx, held_idx = data.split_held_out(len(found.paths), held_out_fraction, seed)
+        if held_out_fraction <= 0:
+            train_idx, held_idx = list(range(len(found.paths))), []
+        chosen, note = recipes.resolve_recipe(recipe, False)  # the worker runs without LPIPS for now
+        if learning_rate > 0:
+            chosen = finetune.recipe_with(chosen, lr=learning_rate)
+        scale, shift = latent_scale_shift(vae, weights)
+        config = finetune.FinetuneConfig(batch_size=batch_size, crop_size=crop_size, seed=seed,
+                                         eval_every=max(checkpoint_interval, 1))
+        spec = jobs.JobSpec(recipe=chosen.as_dict(), config=asdict(config), total_steps=total_steps,
+                            checkpoint_interval=checkpoint_interval, train_images=[found.paths[i] for i in train_idx],
+                            held_out_images=[found.paths[i] for i in held_idx], family=weights.family,
+                            latent_scale=scale, latent_shift=shift)
+        name = job_name.strip() or time.strftime("vae_lab_%Y%m%d_%H%M%S")
+        try:
+            job = jobs.create_job(jobs_root(), name, weights.tensors, spec)
+        except jobs.JobError as exc:
+            raise ValueError(f"Start Finetune Job: {exc}") from exc
+        with open(os.path.join(job, "worker.log"), "ab") as log:
+            process = subprocess.Popen([sys.executable, SCRIPT, job, "--device", str(training_device()),
+                                        "--parent-pid", str(os.getpid())],
+                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        lines = [f"started job {name} (worker pid {process.pid}) in {job}",
+                 f"{len(spec.train_images)} training / {len(spec.held_out_images)} held-out images from {path}"
+                 + (f"; {found.skipped.summary()}" if found.skipped.count else ""),
+                 f"{chosen.name}, {total_steps} steps, checkpoint every {checkpoint_interval}; load it with Load Finetune Job"]
+        if note:
+            lines.append("NOTE: " + note)
+        text = "\n".join(lines)
+        return io.NodeOutput(name, ui=summary_ui(text, {"job": name, "pid": process.pid, "folder": job}))
+
+
+def _checkpoint(job: str) -> str | None:
+    paths = jobs.checkpoint_paths(jobs.job_folder(jobs_root(), job))
+    return paths[0] if paths else None
+
+
+class LoadFinetuneJob(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="VAELab_LoadFinetuneJob",
+            display_name="Load Finetune Job",
+            category=CATEGORY,
+            description=(
+                "The VAE of a background job's newest checkpoint (EMA weights by default), while it trains or after it "
+                "ended, also after ComfyUI restarted. Re-queue to get the newer weights as the job advances."
+            ),
+            inputs=[
+                io.Combo.Input("job", options=job_names(), tooltip="Jobs in output/vae_lab_jobs (press R to refresh the list)."),
+                io.Combo.Input("weights", options=WEIGHTS, default="ema", tooltip="ema (smoother) or raw (last step's)."),
+            ],
+            outputs=[
+                io.Vae.Output("vae", display_name="VAE", tooltip="The base VAE's encoder with the job's decoder."),
+                io.String.Output("summary", display_name="summary", tooltip="Job state, step and latest held-out metrics."),
+            ],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, job, weights):
+        path = _checkpoint(job) if job in job_names() else None
+        return (path, os.path.getmtime(path)) if path else None
+
+    @classmethod
+    def execute(cls, job, weights) -> io.NodeOutput:
+        folder = jobs.job_folder(jobs_root(), job)
+        if not os.path.isfile(os.path.join(folder, "job.json")):
+            raise ValueError(f"Load Finetune Job: no job named {job!r} in {jobs_root()}; press R and pick again")
+        spec = jobs.load_spec(folder)
+        status = jobs.read_json(os.path.join(folder, "status.json"), {}) or {}
+        state = jobs.latest_checkpoint(folder)
+        if state is None:
+            raise ValueError(f"Load Finetune Job: {job} has no checkpoint yet (state {status.get('state')}, step "
+                             f"{status.get('step')}); queue again after its first checkpoint")
+        base, _ = read_weight_file(os.path.join(folder, "base.safetensors"))
+        decoder = state["ema"]["shadow"] if weights == "ema" else state["decoder"]
+        merged = {**{k: v for k, v in base.items() if not layouts.is_decoder_key(spec.family, k)}, **decoder}
+        if spec.family in (KL, STAGE_A):
+            vae = native_vae(spec.family, merged, f"job {job}")
+        else:
+            vae = tiny_vae(merged, spec.latent_scale, spec.latent_shift)[0]
+        vae.vae_lab_source = {"file": f"job {job}", "licence": None}
+        vae.vae_lab_training = {"recipe": state["recipe"], "steps": state["step"], "images_seen": state["images_seen"],
+                                "output_weights": weights, "held_out": (state.get("evaluations") or [None])[-1],
+                                "base_held_out": state.get("base_evaluation"), "family": spec.family}
+        lines = [f"job {job}: {status.get('state')} at step {status.get('step')} / {spec.total_steps}; "
+                 f"loaded the {weights} weights of step {state['step']}"]
+        if state.get("evaluations") and state.get("base_evaluation"):
+            base_eval, now = state["base_evaluation"], state["evaluations"][-1]
+            lines.append(f"held-out: PSNR {base_eval['psnr']:.2f} → {now['psnr']:.2f} dB, Oklab ΔE {base_eval['delta_e']:.4f} → "
+                         f"{now['delta_e']:.4f}, detail ratio {base_eval['detail_ratio']:.3f} → {now['detail_ratio']:.3f}")
+        text = "\n".join(lines)
+        return io.NodeOutput(vae, text, ui=summary_ui(text, {"job": job, "step": state["step"], "status": status}))
