@@ -174,8 +174,8 @@ class LoadFinetuneJob(io.ComfyNode):
         vae.vae_lab_training = {"recipe": state["recipe"], "steps": state["step"], "images_seen": state["images_seen"],
                                 "output_weights": weights, "held_out": (state.get("evaluations") or [None])[-1],
                                 "base_held_out": state.get("base_evaluation"), "family": spec.family}
-        lines = [f"job {job}: {status.get('state')} at step {status.get('step')} / {spec.total_steps}; "
-                 f"loaded the {weights} weights of step {state['step']}"]
+        lines = [(f"job {job}: {status.get('state')} at step {status.get('step')} / {spec.total_steps}; "
+                  f"loaded the {weights} weights of step {state['step']}")]
         if state.get("evaluations") and state.get("base_evaluation"):
             base_eval, now = state["base_evaluation"], state["evaluations"][-1]
             lines.append(f"held-out: PSNR {base_eval['psnr']:.2f} → {now['psnr']:.2f} dB, Oklab ΔE {base_eval['delta_e']:.4f} → "
