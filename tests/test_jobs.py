@@ -170,3 +170,27 @@ def test_the_worker_checkpoints_and_stops_when_its_parent_is_gone(tmp_path):
     status = jobs.read_json(os.path.join(folder, "status.json"))
     assert status["state"] == "interrupted" and 0 <= status["step"] < 400, status
     assert jobs.latest_checkpoint(folder)["step"] == status["step"]
+
+
+def test_a_second_job_on_the_same_device_waits_visibly_then_runs(tmp_path):
+    first, second = make_job(tmp_path, "first", total=40, held=False), make_job(tmp_path, "second", total=4, held=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("VAE_LAB_FAULT", None)
+    command = [sys.executable, SCRIPT, "--device", "cpu"]
+    a = subprocess.Popen([*command, first], env=env)
+    import time
+
+    deadline = time.time() + 120
+    while (jobs.read_json(os.path.join(first, "status.json"), {}) or {}).get("state") != "running" and time.time() < deadline:
+        time.sleep(0.1)
+    b = subprocess.Popen([*command, second], env=env)
+    seen = set()
+    while b.poll() is None and time.time() < deadline + 120:
+        status = jobs.read_json(os.path.join(second, "status.json"), {}) or {}
+        seen.add((status.get("state"), status.get("message", "").startswith("waiting for the job running on cpu")))
+        time.sleep(0.05)
+    assert a.wait(timeout=120) == 0 and b.returncode == 0
+    assert ("queued", True) in seen
+    done_first = jobs.read_json(os.path.join(first, "status.json"))["updated"]
+    second_rows = [json.loads(line) for line in read_text(os.path.join(second, "metrics.jsonl")).splitlines()]
+    assert min(r["time"] for r in second_rows if r["kind"] == "step") >= done_first - 1e-3  # trained after the first

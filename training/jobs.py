@@ -255,10 +255,24 @@ class Worker:
         config = finetune.FinetuneConfig(**self.spec.config)
         return finetune.DecoderFinetune(model, recipe, config, cache, held_out, None, state, self.device)
 
+    def _take_device(self) -> None:
+        """One job per device at a time: a lock file beside the job folders, held until this process ends (the OS
+        releases it even on SIGKILL). A second job waits as 'queued', visibly."""
+        import fcntl
+
+        name = f"{self.device.type}{self.device.index if self.device.index is not None else ''}"
+        self._lock = open(os.path.join(os.path.dirname(self.folder), f".device-{name}.lock"), "a")  # noqa: SIM115 (held for the process' life)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            write_status(self.folder, "queued", pid=os.getpid(), message=f"waiting for the job running on {name}")
+            fcntl.flock(self._lock, fcntl.LOCK_EX)
+
     def run(self) -> str:
         spec = self.spec
         if spec.threads:
             torch.set_num_threads(spec.threads)
+        self._take_device()
         write_status(self.folder, "running", pid=os.getpid(), message="loading images and encoding crops",
                      total=spec.total_steps, device=str(self.device))
         recipe = recipes.Recipe(**spec.recipe)
