@@ -130,6 +130,13 @@ def tiny_vae(tensors: dict[str, torch.Tensor], latent_scale: float, latent_shift
     return _with_module(vae, HostConvention(model)), "ComfyUI's TAESD VAE running VAE Lab's module (the host lacks this variant)"
 
 
+def full_vae(family: str, tensors: dict[str, torch.Tensor], latent_scale: float, latent_shift: float, source: str):
+    """(VAE, how it was built) for a complete set of canonical tensors of one family."""
+    if family in (KL, STAGE_A):
+        return native_vae(family, tensors, source), "built by ComfyUI"
+    return tiny_vae(tensors, latent_scale, latent_shift)
+
+
 def _encoder_side(base_vae) -> nn.Module:
     """A private copy of the base's module (sharing it would let two patchers move one set of
     weights between devices), with its decoding half dropped."""
@@ -148,9 +155,7 @@ def vae_from_pairing(pairing: Pairing, latent_scale: float = 1.0, latent_shift: 
     """
     decoder = pairing.decoder
     if pairing.merged_tensors is not None:
-        if decoder.family in (KL, STAGE_A):
-            return native_vae(decoder.family, pairing.merged_tensors, decoder.source), "built by ComfyUI"
-        return tiny_vae(pairing.merged_tensors, latent_scale, latent_shift)
+        return full_vae(decoder.family, pairing.merged_tensors, latent_scale, latent_shift, decoder.source)
     if base_vae is None:
         raise VaeFileError(f"{decoder.source}: a hybrid needs the base as a ComfyUI VAE")
     if decoder.family == STAGE_A:
@@ -250,9 +255,7 @@ def vae_with_decoder(vae, family: str, decoder_tensors: dict[str, torch.Tensor],
     if weights.family == family and weights.detected.has_encoder:
         encoder_half, _ = layouts.split_parts(weights.detected)
         merged = {**encoder_half, **decoder_tensors}
-        if family in (KL, STAGE_A):
-            return native_vae(family, merged, "the finetuned VAE")
-        return tiny_vae(merged, latent_scale, latent_shift)[0]
+        return full_vae(family, merged, latent_scale, latent_shift, "the finetuned VAE")[0]
     if family == STAGE_A:
         raise VaeFileError("a stage A decoder needs a stage A VAE's encoder")
     decoder_side = HostConvention(build_autoencoder(family, decoder_tensors, latent_scale, latent_shift))

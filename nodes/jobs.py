@@ -14,11 +14,10 @@ from comfy_api.latest import io
 
 from ..training import data, finetune, jobs, layouts, recipes
 from ..training.files import read_weight_file
-from ..training.layouts import KL, STAGE_A
 from .common import CATEGORY, summary_ui
 from .finetune_steps import BUNDLED, PACK_IMAGES, WEIGHTS
 from .host import output_folder, training_device
-from .host_vae import latent_scale_shift, native_vae, tiny_vae, weights_or_refusal
+from .host_vae import full_vae, latent_scale_shift, weights_or_refusal
 
 JOBS = "vae_lab_jobs"
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "run_job.py")
@@ -166,10 +165,7 @@ class LoadFinetuneJob(io.ComfyNode):
         base, _ = read_weight_file(os.path.join(folder, "base.safetensors"))
         decoder = state["ema"]["shadow"] if weights == "ema" else state["decoder"]
         merged = {**{k: v for k, v in base.items() if not layouts.is_decoder_key(spec.family, k)}, **decoder}
-        if spec.family in (KL, STAGE_A):
-            vae = native_vae(spec.family, merged, f"job {job}")
-        else:
-            vae = tiny_vae(merged, spec.latent_scale, spec.latent_shift)[0]
+        vae = full_vae(spec.family, merged, spec.latent_scale, spec.latent_shift, f"job {job}")[0]
         vae.vae_lab_source = {"file": f"job {job}", "licence": None}
         vae.vae_lab_training = {"recipe": state["recipe"], "steps": state["step"], "images_seen": state["images_seen"],
                                 "output_weights": weights, "held_out": (state.get("evaluations") or [None])[-1],

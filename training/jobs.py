@@ -229,6 +229,13 @@ class Worker:
         self.spec = load_spec(folder)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.faults = Faults(os.environ.get("VAE_LAB_FAULT"))
+        self._base: dict[str, torch.Tensor] | None = None
+
+    def base_tensors(self) -> dict[str, torch.Tensor]:
+        """The job's base weights, read once per process (every model built from them copies them)."""
+        if self._base is None:
+            self._base = read_weight_file(os.path.join(self.folder, "base.safetensors"))[0]
+        return self._base
 
     def log(self, message: str) -> None:
         self.metric({"kind": "log", "message": message})
@@ -250,8 +257,7 @@ class Worker:
         return images
 
     def _run(self, recipe: recipes.Recipe, state: dict | None, cache, held_out) -> finetune.DecoderFinetune:
-        tensors, _ = read_weight_file(os.path.join(self.folder, "base.safetensors"))
-        model = build_autoencoder(self.spec.family, tensors, self.spec.latent_scale, self.spec.latent_shift).eval()
+        model = build_autoencoder(self.spec.family, self.base_tensors(), self.spec.latent_scale, self.spec.latent_shift).eval()
         config = finetune.FinetuneConfig(**self.spec.config)
         return finetune.DecoderFinetune(model, recipe, config, cache, held_out, None, state, self.device)
 
@@ -283,8 +289,7 @@ class Worker:
         held = self._images(spec.held_out_images)
         if not train:
             raise JobError("none of the training images could be read")
-        tensors, _ = read_weight_file(os.path.join(self.folder, "base.safetensors"))
-        encoder_model = build_autoencoder(spec.family, tensors, spec.latent_scale, spec.latent_shift).eval()
+        encoder_model = build_autoencoder(spec.family, self.base_tensors(), spec.latent_scale, spec.latent_shift).eval()
         encoded = {"chunks": 0}
 
         def encode(images01):
