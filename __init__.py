@@ -11,6 +11,6 @@ try:
 except ImportError:
     comfy_entrypoint = None
 else:
-    from .nodes import comfy_entrypoint  # noqa: F401
+    from .nodes import comfy_entrypoint
 
 __all__ = ["WEB_DIRECTORY", "comfy_entrypoint"]

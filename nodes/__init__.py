@@ -3,10 +3,16 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .compare import CompareLatent, CompareReconstructions, MergeVAEs, PostHocEMA, VAEList
+from .compare import (
+    CompareLatent,
+    CompareReconstructions,
+    MergeVAEs,
+    PostHocEMA,
+    VAEList,
+)
 from .finetune_steps import DecoderFinetuneSteps
-from .jobs import LoadFinetuneJob, StartFinetuneJob
 from .host import register_model_folders
+from .jobs import LoadFinetuneJob, StartFinetuneJob
 from .load_tiny_autoencoder import LoadTinyAutoencoder
 from .load_vae_decoder import LoadVAEDecoder
 from .oklab_loss import OklabLoss
@@ -26,4 +32,17 @@ class VAELabExtension(ComfyExtension):
 
 async def comfy_entrypoint() -> VAELabExtension:
     register_model_folders()
+    _start_job_panel()
     return VAELabExtension()
+
+
+def _start_job_panel() -> None:
+    """Routes and the event monitor of the sidebar panel; only with a server (not when nodes are imported alone)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return
+    if getattr(PromptServer, "instance", None) is not None:
+        from . import job_panel
+
+        job_panel.start(PromptServer.instance)

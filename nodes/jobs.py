@@ -12,11 +12,11 @@ import time
 
 from comfy_api.latest import io
 
-from ..training import data, finetune, jobs, layouts, recipes
+from ..training import data, finetune, jobs, layouts, perceptual, recipes
 from ..training.files import read_weight_file
 from .common import CATEGORY, summary_ui
 from .finetune_steps import BUNDLED, PACK_IMAGES, WEIGHTS
-from .host import output_folder, training_device
+from .host import images_from_comfy_batch, output_folder, training_device
 from .host_vae import full_vae, latent_scale_shift, weights_or_refusal
 
 JOBS = "vae_lab_jobs"
@@ -27,6 +27,15 @@ def jobs_root() -> str:
     root = output_folder(JOBS)
     os.makedirs(root, exist_ok=True)
     return root
+
+
+def launch_worker(folder: str) -> subprocess.Popen:
+    """Runs tools/run_job.py on ``folder`` with ComfyUI's own Python in its own session (so Ctrl+C in ComfyUI's
+    terminal does not kill it mid-write); it watches ComfyUI's pid and checkpoints and stops when ComfyUI is gone."""
+    with open(os.path.join(folder, "worker.log"), "ab") as log:
+        return subprocess.Popen([sys.executable, SCRIPT, folder, "--device", str(training_device()),
+                                 "--parent-pid", str(os.getpid())],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def job_names() -> list[str]:
@@ -53,8 +62,8 @@ class StartFinetuneJob(io.ComfyNode):
                 io.String.Input("folder", default=BUNDLED,
                                 tooltip="A folder of training images (subfolders too); 'bundled' = VAE Lab's sample photos."),
                 io.Combo.Input("recipe", options=list(recipes.RECIPES), default=recipes.DEFAULT_RECIPE,
-                               tooltip="As in Decoder Finetune Steps; background jobs run without LPIPS for now, so "
-                                       "furception runs as furception-nolpips (said on the node)."),
+                               tooltip="As in Decoder Finetune Steps: furception falls back to furception-nolpips (said "
+                                       "on the node) when the LPIPS weights are missing."),
                 io.Int.Input("total_steps", default=2000, min=1, max=10_000_000, tooltip="Steps of the whole job."),
                 io.Int.Input("checkpoint_interval", default=100, min=1, max=1_000_000,
                              tooltip="Steps between checkpoints: a crash loses at most this many."),
@@ -67,6 +76,9 @@ class StartFinetuneJob(io.ComfyNode):
                 io.Float.Input("held_out_fraction", default=0.2, min=0.0, max=0.9, step=0.05,
                                tooltip="Share of the images never trained on, for held-out metrics."),
                 io.String.Input("job_name", default="", tooltip="Letters, digits, '_', '-', '.'; empty = vae_lab_<date>_<time>."),
+                io.Image.Input("images", optional=True,
+                               tooltip="Train on this IMAGE batch instead of a folder (clear folder then); the images "
+                                       "are copied into the job as PNGs."),
             ],
             outputs=[io.String.Output("job_id", display_name="job_id", tooltip="The job's name (its folder under output/vae_lab_jobs).")],
         )
@@ -77,47 +89,66 @@ class StartFinetuneJob(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, folder, recipe, total_steps, checkpoint_interval, batch_size, crop_size, learning_rate, seed,
-                held_out_fraction, job_name) -> io.NodeOutput:
+                held_out_fraction, job_name, images=None) -> io.NodeOutput:
         from dataclasses import asdict
 
         weights = weights_or_refusal(vae, "Start Finetune Job")
         if not weights.detected.has_encoder:
             raise ValueError("Start Finetune Job: this VAE's encoder comes from another family (a hybrid); a job needs "
                              "one VAE it can copy whole")
-        path = PACK_IMAGES if folder.strip() == BUNDLED else os.path.expanduser(folder.strip())
-        if not os.path.isdir(path):
-            raise ValueError(f"Start Finetune Job: folder {folder!r} does not exist or is not a folder")
-        found = data.ImageFolder(path, min_side=crop_size)
-        train_idx, held_idx = data.split_held_out(len(found.paths), held_out_fraction, seed)
+        paths, arrays, source = _training_images(folder, images, crop_size)
+        count = len(paths or arrays)
+        train_idx, held_idx = data.split_held_out(count, held_out_fraction, seed)
         if held_out_fraction <= 0:
-            train_idx, held_idx = list(range(len(found.paths))), []
-        chosen, note = recipes.resolve_recipe(recipe, False)  # the worker runs without LPIPS for now
+            train_idx, held_idx = list(range(count)), []
+        wanted = recipes.RECIPES[recipe]
+        backbone = perceptual.find_backbone_file(wanted.lpips_net) if wanted.uses_lpips else None
+        chosen, note = recipes.resolve_recipe(recipe, backbone is not None)
         if learning_rate > 0:
             chosen = finetune.recipe_with(chosen, lr=learning_rate)
         scale, shift = latent_scale_shift(vae, weights)
         config = finetune.FinetuneConfig(batch_size=batch_size, crop_size=crop_size, seed=seed,
                                          eval_every=max(checkpoint_interval, 1))
         spec = jobs.JobSpec(recipe=chosen.as_dict(), config=asdict(config), total_steps=total_steps,
-                            checkpoint_interval=checkpoint_interval, train_images=[found.paths[i] for i in train_idx],
-                            held_out_images=[found.paths[i] for i in held_idx], family=weights.family,
-                            latent_scale=scale, latent_shift=shift)
+                            checkpoint_interval=checkpoint_interval, train_images=[paths[i] for i in train_idx] if paths else [],
+                            held_out_images=[paths[i] for i in held_idx] if paths else [], family=weights.family,
+                            latent_scale=scale, latent_shift=shift, lpips_backbone=backbone if chosen.uses_lpips else None)
         name = job_name.strip() or time.strftime("vae_lab_%Y%m%d_%H%M%S")
         try:
-            job = jobs.create_job(jobs_root(), name, weights.tensors, spec)
+            job = jobs.create_job(jobs_root(), name, weights.tensors, spec,
+                                  [arrays[i] for i in train_idx] if arrays else None,
+                                  [arrays[i] for i in held_idx] if arrays else None)
         except jobs.JobError as exc:
             raise ValueError(f"Start Finetune Job: {exc}") from exc
-        with open(os.path.join(job, "worker.log"), "ab") as log:
-            process = subprocess.Popen([sys.executable, SCRIPT, job, "--device", str(training_device()),
-                                        "--parent-pid", str(os.getpid())],
-                                       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        process = launch_worker(job)
         lines = [f"started job {name} (worker pid {process.pid}) in {job}",
-                 f"{len(spec.train_images)} training / {len(spec.held_out_images)} held-out images from {path}"
-                 + (f"; {found.skipped.summary()}" if found.skipped.count else ""),
-                 f"{chosen.name}, {total_steps} steps, checkpoint every {checkpoint_interval}; load it with Load Finetune Job"]
+                 f"{len(train_idx)} training / {len(held_idx)} held-out images from {source}",
+                 (f"{chosen.name}, {total_steps} steps, checkpoint every {checkpoint_interval}; follow it in the VAE Lab "
+                  "panel (sidebar), load it with Load Finetune Job")]
         if note:
             lines.append("NOTE: " + note)
         text = "\n".join(lines)
         return io.NodeOutput(name, ui=summary_ui(text, {"job": name, "pid": process.pid, "folder": job}))
+
+
+def _training_images(folder: str, images, crop_size: int) -> tuple[list[str] | None, list | None, str]:
+    """(paths, None, source) from a folder or (None, arrays, source) from an IMAGE batch."""
+    if images is not None and folder.strip():
+        raise ValueError("Start Finetune Job: both images and folder are set; clear folder or disconnect images")
+    if images is not None:
+        arrays = images_from_comfy_batch(images, "images")
+        small = [a for a in arrays if min(a.shape[:2]) < crop_size]
+        if small:
+            raise ValueError(f"Start Finetune Job: the images are {small[0].shape[1]}x{small[0].shape[0]}, smaller than "
+                             f"crop_size {crop_size}; lower crop_size or use larger images")
+        return None, arrays, f"the IMAGE input ({len(arrays)} images)"
+    if not folder.strip():
+        raise ValueError("Start Finetune Job: connect images or name a folder (or 'bundled' for VAE Lab's sample photos)")
+    path = PACK_IMAGES if folder.strip() == BUNDLED else os.path.expanduser(folder.strip())
+    if not os.path.isdir(path):
+        raise ValueError(f"Start Finetune Job: folder {folder!r} does not exist or is not a folder")
+    found = data.ImageFolder(path, min_side=crop_size)
+    return list(found.paths), None, path + (f"; {found.skipped.summary()}" if found.skipped.count else "")
 
 
 def _checkpoint(job: str) -> str | None:
@@ -139,6 +170,9 @@ class LoadFinetuneJob(io.ComfyNode):
             inputs=[
                 io.Combo.Input("job", options=job_names(), tooltip="Jobs in output/vae_lab_jobs (press R to refresh the list)."),
                 io.Combo.Input("weights", options=WEIGHTS, default="ema", tooltip="ema (smoother) or raw (last step's)."),
+                io.Int.Input("step", default=0, min=0, max=10_000_000, optional=True,
+                             tooltip="0 = the newest checkpoint; else the checkpoint of that step (the job keeps its "
+                                     "last few; the error lists them)."),
             ],
             outputs=[
                 io.Vae.Output("vae", display_name="VAE", tooltip="The base VAE's encoder with the job's decoder."),
@@ -147,18 +181,29 @@ class LoadFinetuneJob(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, job, weights):
+    def fingerprint_inputs(cls, job, weights, step=0):
         path = _checkpoint(job) if job in job_names() else None
-        return (path, os.path.getmtime(path)) if path else None
+        return (path, os.path.getmtime(path), step) if path else None
 
     @classmethod
-    def execute(cls, job, weights) -> io.NodeOutput:
+    def execute(cls, job, weights, step=0) -> io.NodeOutput:
         folder = jobs.job_folder(jobs_root(), job)
         if not os.path.isfile(os.path.join(folder, "job.json")):
             raise ValueError(f"Load Finetune Job: no job named {job!r} in {jobs_root()}; press R and pick again")
         spec = jobs.load_spec(folder)
         status = jobs.read_json(os.path.join(folder, "status.json"), {}) or {}
-        state = jobs.latest_checkpoint(folder)
+        if step:
+            path = os.path.join(folder, "checkpoints", f"step_{step:08d}.pt")
+            if not os.path.isfile(path):
+                kept = [int(os.path.basename(p)[5:13]) for p in jobs.checkpoint_paths(folder)]
+                raise ValueError(f"Load Finetune Job: {job} has no checkpoint of step {step}; it keeps steps {kept} "
+                                 "(0 = the newest)")
+            try:
+                state = jobs.load_checkpoint(path)
+            except jobs.JobError as exc:
+                raise ValueError(f"Load Finetune Job: {exc}; pick another step or 0") from exc
+        else:
+            state = jobs.latest_checkpoint(folder)
         if state is None:
             raise ValueError(f"Load Finetune Job: {job} has no checkpoint yet (state {status.get('state')}, step "
                              f"{status.get('step')}); queue again after its first checkpoint")

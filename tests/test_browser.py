@@ -20,6 +20,7 @@ APP = "window.comfyAPI.app.app"
 def page(comfy_server):
     comfy_server.post("/settings/Comfy.TutorialCompleted", True)  # no first-run template dialog over the canvas
     browser = Browser()
+    browser.comfy_base = comfy_server.base
     try:
         browser.call("Page.navigate", url=comfy_server.url)
         browser.wait_for(f"!!(window.comfyAPI && window.comfyAPI.app && {APP} && {APP}.graph)", 120)
@@ -73,3 +74,40 @@ def test_ab_slider_shows_both_reconstructions_and_follows_the_range(page):
     saved = page.evaluate(f"(() => {{ const n = {APP}.graph.serialize().nodes.find(n => n.type === 'VAELab_CompareReconstructions'); "
                           "return n.widgets_values; })()")
     assert len(saved) == 9, saved  # the slider is display-only
+
+
+def test_jobs_panel_shows_a_running_job_and_its_stop_button_stops_it(page):
+    """The VAE Lab sidebar panel in the real frontend: a job started from the example workflow appears with live
+    progress (events), its loss chart and preview; pressing Stop in the panel stops the worker (state on the DOM
+    and on disk)."""
+    name = "browser_panel_job"
+    with open(os.path.join(ROOT, "example_workflows", "background_finetune_job.json")) as f:
+        workflow = json.load(f)
+    for node in workflow["nodes"]:
+        if node["type"] == "VAELab_StartFinetuneJob":  # long enough to be stopped, small crops: quick steps
+            node["widgets_values"][2:6] = [400, 10, 1, 64]
+            node["widgets_values"][10] = name
+    page.evaluate(f"{APP}.extensionManager.sidebarTab.toggleSidebarTab('vae-lab-jobs')")
+    page.wait_for("!!document.querySelector('.vae-lab-panel')", 30)
+    page.evaluate(f"(async () => {{ await {APP}.loadGraphData({json.dumps(workflow)}); await {APP}.queuePrompt(0, 1); }})()")
+    card = f"document.querySelector('.vae-lab-job[data-job=\"{name}\"]')"
+    page.wait_for(f"(() => {{ const c = {card}; return c && c.dataset.state === 'running' && Number(c.dataset.step) > 0 "
+                  "&& c.querySelector('.vae-lab-chart path') && c.querySelector('.vae-lab-job-preview')?.naturalWidth > 0; })()", 300)
+    progress = page.evaluate(f"{card}.querySelector('.vae-lab-job-progress').textContent")
+    assert progress.startswith("running · step ") and " / 400 · " in progress and "img/s" in progress and "ETA" in progress
+    buttons = page.evaluate(f"[...{card}.querySelectorAll('.vae-lab-job-action')].map(b => b.dataset.action)")
+    assert buttons == ["pause", "stop"]
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    page.screenshot(os.path.join(ARTIFACTS, "jobs_panel_running.png"))
+    page.evaluate(f"{card}.querySelector('.vae-lab-job-action[data-action=stop]').click()")
+    page.wait_for(f"{card}?.dataset.state === 'stopped'", 120)
+    page.screenshot(os.path.join(ARTIFACTS, "jobs_panel_stopped.png"))
+    folder = os.path.join(page.comfy_base, "output", "vae_lab_jobs", name)
+    with open(os.path.join(folder, "status.json")) as f:
+        status = json.load(f)
+    assert status["state"] == "stopped" and os.listdir(os.path.join(folder, "checkpoints"))
+    assert page.evaluate(f"[...{card}.querySelectorAll('.vae-lab-job-action')].map(b => b.dataset.action)") == ["resume", "delete"]
+    page.evaluate(f"{card}.querySelector('.vae-lab-job-open').click()")  # open result: a Load Finetune Job node for it
+    loaded = page.evaluate(f"(() => {{ const n = {APP}.graph._nodes.find(n => n.type === 'VAELab_LoadFinetuneJob'); "
+                           "return n?.widgets.find(w => w.name === 'job').value; })()")
+    assert loaded == name

@@ -194,3 +194,130 @@ def test_a_second_job_on_the_same_device_waits_visibly_then_runs(tmp_path):
     done_first = jobs.read_json(os.path.join(first, "status.json"))["updated"]
     second_rows = [json.loads(line) for line in read_text(os.path.join(second, "metrics.jsonl")).splitlines()]
     assert min(r["time"] for r in second_rows if r["kind"] == "step") >= done_first - 1e-3  # trained after the first
+
+
+# ----------------------------------------------------------------------------------------------
+# what the panel reads and asks
+
+
+def test_the_panel_summary_series_and_preview_of_a_finished_job(reference):
+    from PIL import Image
+
+    summary = jobs.job_summary(reference)
+    assert summary["state"] == "done" and summary["step"] == summary["total"] == TOTAL
+    assert summary["actions"] == ["delete"] and summary["checkpoint_step"] == TOTAL and summary["eta_seconds"] is None
+    assert summary["recipe"] == "furception-nolpips" and summary["family"] == "tiny"
+    with Image.open(os.path.join(reference, "preview.png")) as preview:  # one row (one held-out image), three tiles
+        assert preview.size[0] > 3 * 64 and preview.size[1] >= 64
+    tail = jobs.MetricsTail(os.path.join(reference, "metrics.jsonl"))
+    assert tail.update()
+    series = tail.series()
+    assert [r["step"] for r in series["steps"]] == [2, 4, 6, 8, 10, 12] and all("pixel" in r for r in series["steps"])
+    base = [e for e in series["evals"] if e["weights"] == "base"]
+    assert len(base) == 1 and base[0]["step"] == 0 and base[0]["psnr"] > 10
+    assert [e["step"] for e in series["evals"] if e["weights"] == "ema"] == [6, 12, 12]
+    assert tail.update() == []  # nothing new
+
+
+def test_metrics_tail_waits_for_a_whole_line_thins_long_runs_and_rereads_a_truncated_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "w") as f:
+        f.write('{"kind": "step", "step": 1, "loss": 1.0}\n{"kind": "step", "step": 2, "lo')
+    tail = jobs.MetricsTail(str(path), max_points=8)
+    assert [r["step"] for r in tail.update()] == [1]
+    with open(path, "a") as f:
+        f.write('ss": 0.5}\n{"kind": "step", "step": 3, "loss": NaN, "skipped": true}\n')
+    assert [r["step"] for r in tail.update()] == [2, 3]
+    assert [r["step"] for r in tail.steps] == [1, 2]  # a skipped step is not charted
+    with open(path, "a") as f:
+        f.writelines(json.dumps({"kind": "step", "step": step, "loss": 1 / step}) + "\n" for step in range(4, 40))
+    tail.update()
+    kept = [r["step"] for r in tail.steps]
+    assert 4 <= len(kept) <= 8 and kept == sorted(kept) and kept[0] == 1
+    with open(path, "w") as f:  # a new file (job deleted and made again)
+        f.write('{"kind": "eval", "step": 0, "weights": "base", "psnr": 20.0}\n')
+    tail.update()
+    assert tail.steps == [] and tail.evals == [{"kind": "eval", "step": 0, "weights": "base", "psnr": 20.0}]
+
+
+def _fake_worker(folder):
+    """A live process whose command line names the job folder, standing in for a running worker."""
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", folder])
+
+
+def test_requests_stop_pause_and_delete_follow_the_state(tmp_path):
+    folder = make_job(tmp_path, "asked", held=False)
+    assert jobs.job_summary(folder)["state"] == "interrupted"  # 'queued' with no worker: it died before starting
+    fake = _fake_worker(folder)
+    try:
+        jobs.write_status(folder, "running", pid=fake.pid, step=3)
+        summary = jobs.job_summary(folder)
+        assert summary["state"] == "running" and summary["actions"] == ["pause", "stop"]
+        with pytest.raises(jobs.JobError, match="stop it first"):
+            jobs.delete_job(folder)
+        jobs.request(folder, "pause")
+        assert jobs.read_json(os.path.join(folder, "control.json"))["command"] == "pause"
+    finally:
+        fake.kill()
+        fake.wait()
+    summary = jobs.job_summary(folder)  # the worker vanished while 'running'
+    assert summary["state"] == "interrupted" and "Resume" in summary["message"] and "resume" in summary["actions"]
+    with pytest.raises(jobs.JobError, match="nothing to pause"):
+        jobs.request(folder, "pause")
+    jobs.request(folder, "stop")
+    assert jobs.job_summary(folder)["state"] == "stopped"
+    with pytest.raises(jobs.JobError):
+        jobs.request(folder, "explode")
+    jobs.delete_job(folder)
+    assert not os.path.exists(folder)
+
+
+def test_a_pid_reused_by_another_program_is_not_taken_for_the_worker(tmp_path):
+    folder = make_job(tmp_path, "reused", held=False)
+    jobs.write_status(folder, "running", pid=os.getpid())  # alive, but pytest, not this job's worker
+    assert jobs.job_summary(folder)["state"] == "interrupted"
+
+
+def test_a_queued_job_obeys_stop_and_a_second_worker_for_one_job_leaves(tmp_path):
+    import fcntl
+
+    folder = make_job(tmp_path, "waiting", held=False)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("VAE_LAB_FAULT", None)
+    with open(os.path.join(str(tmp_path), ".device-cpu.lock"), "a") as device:
+        fcntl.flock(device, fcntl.LOCK_EX)  # another job holds the CPU
+        worker = subprocess.Popen([sys.executable, SCRIPT, folder, "--device", "cpu"], env=env)
+        import time
+
+        deadline = time.time() + 120
+        while jobs.job_summary(folder)["state"] != "queued" or not jobs.worker_alive(
+                folder, (jobs.read_json(os.path.join(folder, "status.json")) or {}).get("pid")):
+            assert time.time() < deadline and worker.poll() is None
+            time.sleep(0.1)
+        second = run_worker(folder)  # the same job launched twice: the second leaves at once, touching nothing
+        assert second.returncode == 0 and "another worker runs this job already" in second.stderr
+        jobs.request(folder, "stop")
+        assert worker.wait(timeout=60) == 0
+    status = jobs.read_json(os.path.join(folder, "status.json"))
+    assert status["state"] == "stopped" and status["message"] == "stopped while waiting for cpu"
+    assert jobs.checkpoint_paths(folder) == []
+
+
+def test_a_job_from_an_image_batch_keeps_its_images(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    arrays = [rng.random((40, 48, 3), dtype=np.float32) for _ in range(3)]
+    model = taef2_model()
+    config = finetune.FinetuneConfig(batch_size=1, crop_size=32)
+    spec = jobs.JobSpec(recipe=recipes.RECIPES["furception-nolpips"].as_dict(), config=asdict(config), total_steps=2,
+                        checkpoint_interval=2, train_images=[], family="tiny")
+    folder = jobs.create_job(str(tmp_path), "batch", model.state_dict(), spec, arrays[:2], arrays[2:])
+    saved = jobs.load_spec(folder)
+    assert [os.path.basename(p) for p in saved.train_images] == ["train_00000.png", "train_00001.png"]
+    assert [os.path.basename(p) for p in saved.held_out_images] == ["held_00000.png"]
+    for path, array in zip(saved.train_images + saved.held_out_images, arrays):
+        assert os.path.dirname(path) == os.path.join(folder, "images")
+        pixels = np.asarray(Image.open(path), dtype=np.float32) / 255
+        assert pixels.shape == array.shape and np.abs(pixels - array).max() <= 0.5 / 255 + 1e-6

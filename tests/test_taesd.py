@@ -1,13 +1,18 @@
 import os
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
 from training import metrics
 from training.files import WeightFileError, load_state_dict_file
 from training.layouts import detect
-from training.taesd import TinyAutoencoder, group_tiny_files, load_tiny_autoencoder, variant_from_name
+from training.taesd import (
+    TinyAutoencoder,
+    group_tiny_files,
+    load_tiny_autoencoder,
+    variant_from_name,
+)
 
 TAEF2 = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "taef2")
 
@@ -45,9 +50,8 @@ MADEBYOLLIN_TAEF2_PSNR = {
 
 
 def test_taef2_matches_madebyollins_reference_psnr_on_bundled_images():
-    from skimage.metrics import peak_signal_noise_ratio
-
     from PIL import Image
+    from skimage.metrics import peak_signal_noise_ratio
 
     from training.data import to_tensor
 

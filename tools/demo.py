@@ -27,11 +27,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import torch  # noqa: E402
+import torch
 
-from training import data, finetune, metrics, perceptual, recipes, report, visualize  # noqa: E402
-from training.latent_cache import LatentCache  # noqa: E402
-from training.taesd import load_tiny_autoencoder  # noqa: E402
+from training import data, finetune, metrics, perceptual, recipes, report, visualize
+from training.latent_cache import LatentCache
+from training.taesd import load_tiny_autoencoder
 
 HEATMAP_MAX = 0.1
 

@@ -9,6 +9,8 @@ A job folder (``<jobs root>/<name>/``) is self-contained, so the worker can run 
 - ``status.json``    state, step / total, images/s, ETA, message, pid — rewritten atomically;
 - ``control.json``   a request from outside (``stop`` / ``pause``), polled every step;
 - ``metrics.jsonl``  one line per logged step and per held-out evaluation;
+- ``preview.png``    target | base decoder | EMA decoder on held-out crops, rewritten atomically at each evaluation;
+- ``images/``        the training images of a job started from an IMAGE batch (PNG), when there were any;
 - ``checkpoints/step_<8-digit step>.pt`` the trainer's full state (weights, EMA, optimisers, critic, step, data pool
                      fingerprint, format version), written to a temporary file, fsynced, renamed; the last
                      ``keep_last`` kept. A checkpoint that does not load (torn, truncated, wrong format) is skipped
@@ -104,24 +106,44 @@ class JobSpec:
     keep_last: int = 3
     log_every: int = 5
     threads: int = 0  # 0: torch's default
+    lpips_backbone: str | None = None  # the backbone file found when the job was made (LPIPS recipes)
     format: str = JOB_FORMAT
     version: int = JOB_VERSION
 
 
-def create_job(root: str, name: str, base_tensors: dict[str, torch.Tensor], spec: JobSpec) -> str:
-    """Makes ``root/name`` with its base weights, job.json and a 'queued' status. Refuses an existing job."""
+def create_job(root: str, name: str, base_tensors: dict[str, torch.Tensor], spec: JobSpec,
+               train_arrays: list | None = None, held_out_arrays: list | None = None) -> str:
+    """Makes ``root/name`` with its base weights, job.json and a 'queued' status. Refuses an existing job.
+    ``train_arrays`` / ``held_out_arrays`` (float (H, W, 3) in [0, 1], e.g. an IMAGE batch) are written into the
+    job's ``images/`` as 8-bit PNGs and added to the spec's lists, so the job does not depend on the graph."""
     folder = job_folder(root, name)
     if os.path.exists(folder):
         raise JobError(f"a job named {name!r} exists already; pick another name or delete it first")
     if spec.total_steps < 1 or spec.checkpoint_interval < 1:
         raise JobError("total_steps and checkpoint_interval must be at least 1")
-    if not spec.train_images:
+    if not spec.train_images and not train_arrays:
         raise JobError("a job needs training images")
     os.makedirs(os.path.join(folder, "checkpoints"))
+    for prefix, arrays, paths in (("train", train_arrays, spec.train_images), ("held", held_out_arrays, spec.held_out_images)):
+        for i, pixels in enumerate(arrays or []):
+            os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+            path = os.path.join(folder, "images", f"{prefix}_{i:05d}.png")
+            _save_png01(pixels, path)
+            paths.append(path)
     save_safetensors_atomic(base_tensors, os.path.join(folder, "base.safetensors"), {"vae_lab.family": spec.family})
     write_json_atomic(os.path.join(folder, "job.json"), asdict(spec))
     write_status(folder, "queued", step=0, total=spec.total_steps, message="waiting for the worker")
     return folder
+
+
+def _save_png01(pixels, path: str) -> None:
+    import numpy as np
+    from PIL import Image
+
+    array = (np.clip(np.asarray(pixels, dtype=np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
+    temporary = f"{path}.{os.getpid()}.tmp"
+    Image.fromarray(array).save(temporary, format="PNG")
+    os.replace(temporary, path)
 
 
 def write_status(folder: str, state: str, **values) -> dict:
@@ -200,6 +222,138 @@ def save_checkpoint(folder: str, state: dict, keep_last: int, fault=lambda phase
 
 
 # ----------------------------------------------------------------------------------------------
+# what the panel reads: a job's summary, its metrics log read incrementally, and requests to a worker
+
+ACTIVE = ("queued", "running")
+
+
+def worker_alive(folder: str, pid) -> bool:
+    """True when ``pid`` is a live worker of this job folder (one of its arguments is the folder: a reused pid of
+    another program does not count)."""
+    if not isinstance(pid, int) or pid <= 0 or not _alive(pid):
+        return False
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return True  # no /proc (macOS): trust the pid
+    target = os.path.realpath(folder)
+    return any(os.path.realpath(os.path.join(cwd, a)) == target for a in args[1:])
+
+
+def job_summary(folder: str) -> dict:
+    """The status of a job as the panel shows it: status.json plus the job's name, recipe, total, newest checkpoint,
+    preview time and what can be done with it. A job whose worker vanished while running or queued (killed, the
+    machine rebooted) shows as 'interrupted'."""
+    status = read_json(os.path.join(folder, "status.json"), {}) or {}
+    spec = read_json(os.path.join(folder, "job.json"), {}) or {}
+    state = status.get("state", "queued")
+    if state in ACTIVE and not worker_alive(folder, status.get("pid")):
+        state = "interrupted"
+        status["message"] = (f"the worker ended without finishing (at step {status.get('step', 0)}); Resume continues "
+                             "from the last checkpoint (worker.log in the job folder says why)")
+    checkpoints = checkpoint_paths(folder)
+    try:
+        preview = os.path.getmtime(os.path.join(folder, "preview.png"))
+    except OSError:
+        preview = None
+    return {
+        "job": os.path.basename(folder), "state": state, "step": status.get("step", 0),
+        "total": status.get("total", spec.get("total_steps")), "images_per_second": status.get("images_per_second"),
+        "eta_seconds": status.get("eta_seconds") if state == "running" else None, "message": status.get("message", ""),
+        "device": status.get("device"), "updated": status.get("updated"),
+        "recipe": (spec.get("recipe") or {}).get("name"), "family": spec.get("family"),
+        "checkpoint_step": int(CHECKPOINT.match(os.path.basename(checkpoints[0])).group(1)) if checkpoints else None,
+        "preview": preview, "actions": actions_for(state),
+    }
+
+
+def actions_for(state: str) -> list[str]:
+    """What the panel offers in each state (the routes refuse the rest)."""
+    return {"queued": ["stop"], "running": ["pause", "stop"], "paused": ["resume", "stop", "delete"],
+            "interrupted": ["resume", "stop", "delete"], "stopped": ["resume", "delete"], "failed": ["resume", "delete"],
+            "done": ["delete"]}.get(state, [])
+
+
+def request(folder: str, command: str) -> None:
+    """Asks a running or queued worker to stop or pause (it checkpoints first); a job whose worker is gone is marked
+    directly."""
+    if command not in ("stop", "pause"):
+        raise JobError(f"unknown request {command!r}")
+    summary = job_summary(folder)
+    if summary["state"] in ACTIVE:
+        write_json_atomic(os.path.join(folder, "control.json"), {"command": command, "time": time.time()})
+    elif command == "stop" and "stop" in summary["actions"]:
+        write_status(folder, "stopped", message=f"stopped at step {summary['step']}")
+    else:
+        raise JobError(f"job {summary['job']} is {summary['state']}: nothing to {command}")
+
+
+def delete_job(folder: str) -> None:
+    """Removes a job folder whose worker is not running (stop it first); only folders that are VAE Lab jobs."""
+    import shutil
+
+    if load_spec(folder) and job_summary(folder)["state"] in ACTIVE:
+        raise JobError(f"job {os.path.basename(folder)} is running: stop it first")
+    shutil.rmtree(folder)
+
+
+class MetricsTail:
+    """metrics.jsonl read incrementally (from the last offset; a half-written last line waits for the next read),
+    kept as chart series: per loss term (step, value) points thinned to at most ``max_points`` by dropping every
+    other point when full, all held-out evaluations, and the last log lines."""
+
+    def __init__(self, path: str, max_points: int = 400, max_logs: int = 20):
+        self.path, self.max_points, self.max_logs = path, max_points, max_logs
+        self.offset, self.stride, self.seen = 0, 1, 0
+        self.steps: list[dict] = []
+        self.evals: list[dict] = []
+        self.logs: list[dict] = []
+
+    def update(self) -> list[dict]:
+        """Reads what was appended since the last call; returns the new rows (a truncated file is read anew)."""
+        try:
+            size = os.path.getsize(self.path)
+        except OSError:
+            return []
+        if size < self.offset:
+            self.__init__(self.path, self.max_points, self.max_logs)
+        if size == self.offset:
+            return []
+        with open(self.path, "rb") as f:
+            f.seek(self.offset)
+            chunk = f.read(size - self.offset)
+        end = chunk.rfind(b"\n") + 1
+        self.offset += end
+        rows = []
+        for line in chunk[:end].splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            rows.append(row)
+            self._add(row)
+        return rows
+
+    def _add(self, row: dict) -> None:
+        kind = row.get("kind")
+        if kind == "eval":
+            self.evals.append({k: v for k, v in row.items() if isinstance(v, (int, float)) or k in ("weights", "kind")})
+        elif kind == "log":
+            self.logs = [*self.logs, row][-self.max_logs:]
+        elif kind == "step" and not row.get("skipped"):
+            self.seen += 1
+            if (self.seen - 1) % self.stride == 0:
+                self.steps.append({k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
+                if len(self.steps) > self.max_points:
+                    self.steps, self.stride = self.steps[::2], self.stride * 2
+
+    def series(self) -> dict:
+        return {"steps": self.steps, "evals": self.evals, "logs": self.logs}
+
+
+# ----------------------------------------------------------------------------------------------
 # fault injection (tests): VAE_LAB_FAULT="<phase>@<step>" kills the worker with SIGKILL at that phase of that step;
 # phases: mid-step, after-temp-write, after-rename, latent-cache; also nan@<step> (three non-finite steps from
 # there) and oom@<step> (a CUDA out-of-memory error at that step).
@@ -230,6 +384,8 @@ class Worker:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.faults = Faults(os.environ.get("VAE_LAB_FAULT"))
         self._base: dict[str, torch.Tensor] | None = None
+        self._base_previews: torch.Tensor | None = None
+        self.lpips = None
 
     def base_tensors(self) -> dict[str, torch.Tensor]:
         """The job's base weights, read once per process (every model built from them copies them)."""
@@ -259,31 +415,66 @@ class Worker:
     def _run(self, recipe: recipes.Recipe, state: dict | None, cache, held_out) -> finetune.DecoderFinetune:
         model = build_autoencoder(self.spec.family, self.base_tensors(), self.spec.latent_scale, self.spec.latent_shift).eval()
         config = finetune.FinetuneConfig(**self.spec.config)
-        return finetune.DecoderFinetune(model, recipe, config, cache, held_out, None, state, self.device)
+        return finetune.DecoderFinetune(model, recipe, config, cache, held_out, self.lpips if recipe.uses_lpips else None,
+                                        state, self.device)
 
-    def _take_device(self) -> None:
-        """One job per device at a time: a lock file beside the job folders, held until this process ends (the OS
-        releases it even on SIGKILL). A second job waits as 'queued', visibly."""
+    def _take_locks(self) -> bool:
+        """One worker per job (a second launch of the same job exits at once) and one job per device at a time: lock
+        files held until this process ends (the OS releases them even on SIGKILL). A job waiting for its device shows
+        as 'queued' and still obeys stop / pause. False when the job should not run (already running, or stopped
+        while queued)."""
         import fcntl
 
-        name = f"{self.device.type}{self.device.index if self.device.index is not None else ''}"
-        self._lock = open(os.path.join(os.path.dirname(self.folder), f".device-{name}.lock"), "a")  # noqa: SIM115 (held for the process' life)
+        self._job_lock = open(os.path.join(self.folder, ".worker.lock"), "a")  # noqa: SIM115 (held for the process' life)
         try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._job_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            write_status(self.folder, "queued", pid=os.getpid(), message=f"waiting for the job running on {name}")
-            fcntl.flock(self._lock, fcntl.LOCK_EX)
+            print(f"{self.folder}: another worker runs this job already", file=sys.stderr)
+            self.busy = True
+            return False
+        name = f"{self.device.type}{self.device.index if self.device.index is not None else ''}"
+        self._lock = open(os.path.join(os.path.dirname(self.folder), f".device-{name}.lock"), "a")  # noqa: SIM115
+        waiting = False
+        while True:
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                pass
+            command = self.control()
+            if command in ("stop", "pause"):
+                _remove(os.path.join(self.folder, "control.json"))
+                state = "stopped" if command == "stop" else "paused"
+                write_status(self.folder, state, pid=os.getpid(), message=f"{state} while waiting for {name}")
+                return False
+            if not waiting:
+                write_status(self.folder, "queued", pid=os.getpid(), message=f"waiting for the job running on {name}")
+                waiting = True
+            if self.parent_pid and not _alive(self.parent_pid):
+                write_status(self.folder, "interrupted", message="ComfyUI stopped while the job was waiting")
+                return False
+            time.sleep(0.5)
 
     def run(self) -> str:
         spec = self.spec
         if spec.threads:
             torch.set_num_threads(spec.threads)
-        self._take_device()
+        if not self._take_locks():
+            if getattr(self, "busy", False):
+                return "busy"
+            return (read_json(os.path.join(self.folder, "status.json"), {}) or {}).get("state", "stopped")
         write_status(self.folder, "running", pid=os.getpid(), message="loading images and encoding crops",
                      total=spec.total_steps, device=str(self.device))
         recipe = recipes.Recipe(**spec.recipe)
+        self.lpips = None
         if recipe.uses_lpips:
-            raise JobError(f"recipe {recipe.name} needs LPIPS; background jobs run furception-nolpips-style recipes here")
+            from .perceptual import Lpips, LpipsWeightsMissing
+
+            try:
+                self.lpips = Lpips(recipe.lpips_net, spec.lpips_backbone).to(self.device)
+            except LpipsWeightsMissing as exc:
+                raise JobError(f"recipe {recipe.name} needs LPIPS: {exc}; put the file back or start the job with "
+                               "furception-nolpips") from exc
         state = latest_checkpoint(self.folder, self.log)
         train = self._images(spec.train_images)
         held = self._images(spec.held_out_images)
@@ -310,6 +501,9 @@ class Worker:
             run = self._run(recipe, state, cache, held_out)
             if state is not None:
                 self.log(f"resumed from step {state['step']}")
+            elif run.base_evaluation is not None:
+                self.metric({"kind": "eval", **run.base_evaluation})
+            self.write_preview(run, held_out, cache)
             return self._train(run, recipe, cache, held_out)
 
     def _train(self, run: finetune.DecoderFinetune, recipe, cache, held_out) -> str:
@@ -329,7 +523,7 @@ class Worker:
                 save_checkpoint(self.folder, run.state_dict(), spec.keep_last, fault)
                 state = "stopped" if command == "stop" else "paused"
                 write_status(self.folder, state, step=run.step, message=f"{state} at step {run.step} (checkpoint written)")
-                os.remove(os.path.join(self.folder, "control.json"))
+                _remove(os.path.join(self.folder, "control.json"))
                 return state
             if fault.phase == "oom" and run.step == fault.step:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by VAE_LAB_FAULT)")
@@ -356,14 +550,39 @@ class Worker:
                              message=f"step {run.step} / {spec.total_steps}")
             if held_out is not None and run.config.eval_every and run.step % run.config.eval_every == 0:
                 self.metric({"kind": "eval", **run.evaluate()})
+                self.write_preview(run, held_out)
             if run.step % spec.checkpoint_interval == 0 or run.step == spec.total_steps:
                 save_checkpoint(self.folder, run.state_dict(), spec.keep_last, fault)
         if hook is not None:
             hook.remove()
         if held_out is not None:
             self.metric({"kind": "eval", **run.evaluate()})
+        self.write_preview(run, held_out, cache)
         write_status(self.folder, "done", step=run.step, message=f"finished {run.step} steps")
         return "done"
+
+    def write_preview(self, run: finetune.DecoderFinetune, held_out, cache=None, count: int = 3) -> None:
+        """preview.png: rows of target | base decoder | EMA decoder now, on up to ``count`` held-out crops (the first
+        training crops when nothing is held out); written to a temporary file and renamed."""
+        from . import visualize
+
+        if held_out is not None:
+            targets, latents = held_out.images01[:count], held_out.latents[:count]
+        elif cache is not None:
+            latents, targets = cache.batch(0, 1)
+        else:
+            return
+        if self._base_previews is None or self._base_previews.shape[0] != targets.shape[0]:
+            base = build_autoencoder(self.spec.family, self.base_tensors(), self.spec.latent_scale, self.spec.latent_shift).eval()
+            with torch.no_grad():
+                self._base_previews = torch.cat([base.decode(z[None]).float().clamp(0, 1) for z in latents])
+        now = run.decode_with(latents, use_ema=True)
+        rows = [[visualize.label(t, "target"), visualize.label(b, "base"), visualize.label(n, f"EMA, step {run.step}")]
+                for t, b, n in zip(targets, self._base_previews, now)]
+        path = os.path.join(self.folder, "preview.png")
+        temporary = f"{path}.{os.getpid()}.tmp.png"
+        visualize.save_png(visualize.grid(rows), temporary)
+        os.replace(temporary, path)
 
     def _rollback(self, run, recipe, cache, held_out):
         state = latest_checkpoint(self.folder, self.log)
@@ -371,6 +590,13 @@ class Worker:
         self.log(f"{ROLLBACK_AFTER} non-finite steps in a row at step {run.step}: back to "
                  f"{'step ' + str(state['step']) if state else 'the start'} with lr {lower.lr:g}")
         return self._run(lower, state, cache, held_out), lower
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except FileNotFoundError:
+        pass
 
 
 def _alive(pid: int) -> bool:
@@ -417,4 +643,4 @@ def main(argv: list[str] | None = None) -> int:
     except (JobError, finetune.FinetuneError) as exc:
         write_status(folder, "failed", message=str(exc))
         return 2
-    return 0 if state in ("done", "stopped", "paused", "interrupted") else 1
+    return 0 if state in ("done", "stopped", "paused", "interrupted", "busy") else 1

@@ -1,0 +1,157 @@
+"""Host tier: background jobs inside a real ComfyUI (CPU) — the panel's routes and events, pause / resume / stop /
+delete from the routes, a job that keeps training while another workflow executes, Load Finetune Job following the
+job's newest checkpoint, and Start Finetune Job on an IMAGE batch. Skipped unless COMFYUI_DIR names a ComfyUI."""
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+from comfy_host import ROOT, comfyui_dir, ui_to_api
+
+pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason="host tier: set COMFYUI_DIR to a ComfyUI checkout with a venv")
+
+
+def start_prompt(server, name, total_steps=400, interval=10, crop=64):
+    with open(os.path.join(ROOT, "example_workflows", "background_finetune_job.json")) as f:
+        prompt = ui_to_api(json.load(f), server.get("/object_info"))
+    start = next(k for k, v in prompt.items() if v["class_type"] == "VAELab_StartFinetuneJob")
+    prompt[start]["inputs"].update(job_name=name, total_steps=total_steps, checkpoint_interval=interval, crop_size=crop,
+                                   batch_size=1)
+    return prompt
+
+
+def request(server, method, path):
+    """(status code, JSON body) of a route, errors included."""
+    req = urllib.request.Request(server.url + path, method=method, data=b"" if method == "POST" else None)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status, (json.loads(r.read()) if r.headers.get_content_type() == "application/json" else r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
+
+
+def wait(predicate, timeout=300, what=""):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def summary(server, name):
+    return request(server, "GET", f"/vae_lab/jobs/{name}")[1]
+
+
+def test_routes_events_and_the_job_lifecycle(comfy_server):
+    import websocket
+
+    server, name = comfy_server, "panel_routes"
+    ws = websocket.create_connection(f"ws://127.0.0.1:{server.port}/ws?clientId={uuid.uuid4().hex}", timeout=5)
+    try:
+        server.run_prompt(start_prompt(server, name), timeout=120)
+        events = []
+
+        def got_progress():
+            try:
+                message = json.loads(ws.recv())
+            except (websocket.WebSocketTimeoutException, ValueError):
+                return False
+            if message.get("type") == "vae_lab.job" and message["data"].get("job") == name:
+                events.append(message["data"])
+            return any(e["summary"]["state"] == "running" and e["summary"]["step"] > 0 and e["rows"] for e in events)
+
+        wait(got_progress, 300, "a vae_lab.job event with progress")
+        assert any(r["kind"] == "step" and "pixel" in r for e in events for r in e["rows"])
+    finally:
+        ws.close()
+
+    code, listing = request(server, "GET", "/vae_lab/jobs")
+    assert code == 200 and name in [j["job"] for j in listing["jobs"]]
+    detail = wait(lambda: (d := summary(server, name)) and d.get("preview") and d.get("checkpoint_step") and d, 300, "a checkpoint")
+    assert detail["state"] == "running" and detail["total"] == 400 and detail["actions"] == ["pause", "stop"]
+    assert detail["steps"] and [e for e in detail["evals"] if e["weights"] == "base"]
+    code, png = request(server, "GET", f"/vae_lab/jobs/{name}/preview.png")
+    assert code == 200 and png[:8] == b"\x89PNG\r\n\x1a\n"
+    assert request(server, "GET", "/api/vae_lab/jobs")[0] == 200  # also under /api, as the frontend calls it
+
+    # only names of existing jobs: no paths, nothing outside the jobs folder
+    for bad in ("..%2F..%2Fuser", "..", "%2Fetc%2Fpasswd", "nope", ".device-cpu.lock"):
+        assert request(server, "GET", f"/vae_lab/jobs/{bad}")[0] == 404, bad
+        assert request(server, "GET", f"/vae_lab/jobs/{bad}/preview.png")[0] == 404, bad
+        assert request(server, "POST", f"/vae_lab/jobs/{bad}/delete")[0] == 404, bad
+    assert request(server, "POST", f"/vae_lab/jobs/{name}/explode")[0] == 400
+    code, answer = request(server, "POST", f"/vae_lab/jobs/{name}/delete")
+    assert code == 409 and "stop it first" in answer["error"]
+
+    # another workflow executes while the job trains; the job advances meanwhile
+    before = summary(server, name)["step"]
+    other = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    server.run_prompt(other, timeout=60)
+    wait(lambda: summary(server, name)["step"] > before, 120, "the job to advance")
+
+    # pause -> paused (checkpoint at the step), resume -> running again, stop -> stopped, delete -> gone
+    assert request(server, "POST", f"/vae_lab/jobs/{name}/pause")[0] == 200
+    paused = wait(lambda: (s := summary(server, name))["state"] == "paused" and s, 120, "paused")
+    assert paused["checkpoint_step"] == paused["step"] and paused["actions"] == ["resume", "stop", "delete"]
+    assert request(server, "POST", f"/vae_lab/jobs/{name}/pause")[0] == 409
+    assert request(server, "POST", f"/vae_lab/jobs/{name}/resume")[0] == 200
+    wait(lambda: (s := summary(server, name))["state"] == "running" and s["step"] > paused["step"], 300, "resumed progress")
+    assert request(server, "POST", f"/vae_lab/jobs/{name}/stop")[0] == 200
+    stopped = wait(lambda: (s := summary(server, name))["state"] == "stopped" and s, 120, "stopped")
+    assert stopped["checkpoint_step"] == stopped["step"]
+    with open(os.path.join(server.base, "output", "vae_lab_jobs", name, "metrics.jsonl")) as f:
+        log = f.read()
+    assert f"resumed from step {paused['step']}" in log
+    assert request(server, "POST", f"/vae_lab/jobs/{name}/delete")[1] == {"job": name, "deleted": True}
+    assert request(server, "GET", f"/vae_lab/jobs/{name}")[0] == 404
+    assert not os.path.exists(os.path.join(server.base, "output", "vae_lab_jobs", name))
+
+
+def test_load_finetune_job_follows_the_newest_checkpoint_while_the_job_trains(comfy_server):
+    server, name = comfy_server, "follow_me"
+    prompt = start_prompt(server, name, total_steps=400, interval=10, crop=128)  # ~8 s per checkpoint on 2 CPU cores
+    next(v for v in prompt.values() if v["class_type"] == "VAELab_StartFinetuneJob")["inputs"]["batch_size"] = 4
+    server.run_prompt(prompt, timeout=120)
+    load = {"1": {"class_type": "VAELab_LoadFinetuneJob", "inputs": {"job": name, "weights": "ema"}},
+            "2": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+            "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 0]}},
+            "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 0]}},
+            "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}}}
+    wait(lambda: (summary(server, name).get("checkpoint_step") or 0) >= 10, 300, "a first checkpoint")
+    first = server.run_prompt(load, timeout=120)["outputs"]["1"]["vae_lab"][0]["step"]
+    wait(lambda: (summary(server, name).get("checkpoint_step") or 0) > first, 300, "a newer checkpoint")
+    second = server.run_prompt(load, timeout=120)["outputs"]["1"]["vae_lab"][0]["step"]
+    assert second > first  # re-queuing the same prompt is not served from cache: the fingerprint follows the checkpoint
+    load["1"]["inputs"]["step"] = second  # a chosen checkpoint stays put while newer ones come
+    assert server.run_prompt(load, timeout=120)["outputs"]["1"]["vae_lab"][0]["step"] == second
+    load["1"]["inputs"]["step"] = 999_999
+    error = server.run_prompt(load, timeout=120, expect_error=True)["exception_message"]
+    assert "has no checkpoint of step 999999; it keeps steps [" in error
+    request(server, "POST", f"/vae_lab/jobs/{name}/stop")
+    wait(lambda: summary(server, name)["state"] == "stopped", 120, "stopped")
+
+
+def test_a_job_started_from_an_image_batch(comfy_server):
+    server, name = comfy_server, "from_a_batch"
+    prompt = start_prompt(server, name, total_steps=4, interval=2)
+    start = next(k for k, v in prompt.items() if v["class_type"] == "VAELab_StartFinetuneJob")
+    prompt["9"] = {"class_type": "LoadImage", "inputs": {"image": "example.png"}}
+    prompt[start]["inputs"].update(images=["9", 0], folder="", held_out_fraction=0.0)
+    entry = server.run_prompt(prompt, timeout=120)
+    assert "from the IMAGE input (1 images)" in entry["outputs"][start]["text"][0]
+    done = wait(lambda: (s := summary(server, name))["state"] in ("done", "failed") and s, 300, "the job to end")
+    assert done["state"] == "done", done
+    folder = os.path.join(server.base, "output", "vae_lab_jobs", name)
+    assert os.listdir(os.path.join(folder, "images")) == ["train_00000.png"]
+    prompt[start]["inputs"]["folder"] = "bundled"
+    prompt[start]["inputs"]["job_name"] = name + "_2"
+    error = server.run_prompt(prompt, timeout=60, expect_error=True)
+    assert "both images and folder are set" in error["exception_message"]
