@@ -321,3 +321,26 @@ def test_a_job_from_an_image_batch_keeps_its_images(tmp_path):
         assert os.path.dirname(path) == os.path.join(folder, "images")
         pixels = np.asarray(Image.open(path), dtype=np.float32) / 255
         assert pixels.shape == array.shape and np.abs(pixels - array).max() <= 0.5 / 255 + 1e-6
+
+
+def test_a_job_with_an_lpips_recipe_trains_with_the_backbone_found_at_start_and_fails_clearly_without_it(tmp_path):
+    from test_lpips import _reference_and_backbone_file
+
+    _, backbone = _reference_and_backbone_file("alex", str(tmp_path / "lpips"))  # random AlexNet in torchvision's layout
+    recipe = finetune.recipe_with(recipes.RECIPES["ft-ema"], lpips_net="alex", warmup_steps=1)
+    config = finetune.FinetuneConfig(batch_size=1, crop_size=32, crops_per_image=2, seed=3, eval_every=2, eval_size=64)
+    spec = jobs.JobSpec(recipe=recipe.as_dict(), config=asdict(config), total_steps=2, checkpoint_interval=2,
+                        train_images=IMAGES, held_out_images=HELD, family="tiny", threads=1, log_every=1,
+                        lpips_backbone=backbone)
+    folder = jobs.create_job(str(tmp_path), "with_lpips", taef2_model().state_dict(), spec)
+    result = run_worker(folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in read_text(os.path.join(folder, "metrics.jsonl")).splitlines()]
+    assert all(r["lpips"] > 0 for r in rows if r["kind"] == "step")
+    assert all("lpips_alex" in r for r in rows if r["kind"] == "eval")
+    os.remove(backbone)  # the file went away before a resume
+    os.remove(jobs.checkpoint_paths(folder)[0])
+    jobs.write_status(folder, "stopped")
+    assert run_worker(folder).returncode == 2
+    status = jobs.read_json(os.path.join(folder, "status.json"))
+    assert status["state"] == "failed" and "needs LPIPS" in status["message"] and "furception-nolpips" in status["message"]
