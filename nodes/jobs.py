@@ -32,10 +32,13 @@ def jobs_root() -> str:
 def launch_worker(folder: str) -> subprocess.Popen:
     """Runs tools/run_job.py on ``folder`` with ComfyUI's own Python in its own session (so Ctrl+C in ComfyUI's
     terminal does not kill it mid-write); it watches ComfyUI's pid and checkpoints and stops when ComfyUI is gone."""
+    # a ComfyUI started under a launcher must not pass its torch.distributed variables on: this worker is one process
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
     with open(os.path.join(folder, "worker.log"), "ab") as log:
         return subprocess.Popen([sys.executable, SCRIPT, folder, "--device", str(training_device()),
                                  "--parent-pid", str(os.getpid())],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
 
 def job_names() -> list[str]:

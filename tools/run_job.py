@@ -2,6 +2,7 @@
 """Runs (or resumes) a VAE Lab finetuning job folder, with or without ComfyUI:
 
     python tools/run_job.py <job folder> [--device cuda|cpu]
+    torchrun --standalone --nproc_per_node 4 tools/run_job.py <job folder>      # several GPUs (README: multi-GPU)
 
 Start Finetune Job launches this very file with ComfyUI's Python. Only the host-free ``training`` library is
 imported (the pack folder goes on sys.path; ComfyUI is not involved, so its ``nodes`` is never shadowed).

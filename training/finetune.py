@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import gan, layouts, losses, metrics
+from .distributed import Collective
 from .ema import EMA, batch_scaled_decay
 from .klf8 import KlAutoencoder
 from .latent_cache import LatentCache
@@ -145,11 +146,13 @@ class DecoderFinetune:
 
     def __init__(self, model: nn.Module, recipe: Recipe, config: FinetuneConfig, cache: LatentCache,
                  held_out: HeldOut | None = None, lpips: nn.Module | None = None, state: dict | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", collective: Collective | None = None):
         self.family = family_of(model)
         if recipe.uses_lpips and lpips is None:
             raise FinetuneError(f"recipe {recipe.name} needs an LPIPS module")
         self.device = torch.device(device)
+        self.collective = collective or Collective()
+        self.collective.check_batch(config.batch_size)
         self.recipe, self.config = recipe, config
         self.cache, self.held_out, self.lpips = cache, held_out, lpips
         self.model = model.to(self.device)
@@ -201,8 +204,9 @@ class DecoderFinetune:
 
     def train_step(self) -> dict:
         recipe, step = self.recipe, self.step
+        shard = self.collective.shard  # this process' slice of the global batch (all of it in one process)
         latents, targets = self.cache.batch(step, self.config.batch_size)
-        latents, targets = latents.to(self.device), targets.to(self.device)
+        latents, targets = shard(latents).to(self.device), shard(targets).to(self.device)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(step)
         generator = torch.Generator(device="cpu").manual_seed((self.config.seed * 1_000_003 + step) % (2**63))
@@ -218,7 +222,7 @@ class DecoderFinetune:
             logs["lpips"] = float(perceptual.detach())
         if recipe.detail_weight > 0:
             if recipe.detail_reference == "base":
-                reference = self.cache.reference_energies(step, self.config.batch_size)
+                reference = shard(self.cache.reference_energies(step, self.config.batch_size))
             else:
                 reference = metrics.high_frequency_energy(targets)
             detail = detail_loss(out01, reference)
@@ -229,17 +233,19 @@ class DecoderFinetune:
         if self.critic is not None and step >= recipe.gan_start:
             self.critic.requires_grad_(False)
             g_loss = gan.generator_loss(self.critic(fakes), recipe.disc_loss)
-            weight = gan.adaptive_gan_weight(rec, g_loss, self.last_layer, recipe.gan_weight)
+            weight = gan.adaptive_gan_weight(rec, g_loss, self.last_layer, recipe.gan_weight,
+                                             reduce=self.collective.mean_)
             loss = rec + weight * g_loss
             logs["gan"], logs["gan_weight"] = float(g_loss.detach()), float(weight)
         logs["loss"] = float(loss.detach())
 
         self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if self.collective.any(not torch.isfinite(loss)):  # every process skips together
             self.skipped_steps += 1
             logs["skipped"] = True
         else:
             loss.backward()
+            self.collective.mean_gradients(self.params.values())
             norm = torch.nn.utils.clip_grad_norm_(self.params.values(), recipe.grad_clip)
             if torch.isfinite(norm):
                 self.optimizer.step()
@@ -256,6 +262,7 @@ class DecoderFinetune:
                                 "rate (or train in fp32); nothing non-finite was applied to the weights")
         self.step += 1
         self.images_seen += self.config.batch_size
+        logs = self.collective.mean_numbers(logs)
         logs.update(step=self.step, lr=self.lr_at(step))
         self.history.append(logs)
         return logs
@@ -265,11 +272,14 @@ class DecoderFinetune:
         self.critic.requires_grad_(True)
         fake = (fake01 * 255).round() / 255 if recipe.quantize_fakes else fake01
         d_loss = gan.discriminator_loss(self.critic(real01), self.critic(fake), recipe.disc_loss)
-        penalty = gan.gradient_penalty(self.critic, real01, fake, recipe.gp_weight, generator)
+        # the random mixes of the whole global batch, this process' slice of them
+        alpha = self.collective.shard(torch.rand((self.config.batch_size, 1, 1, 1), generator=generator)).to(real01)
+        penalty = gan.gradient_penalty(self.critic, real01, fake, recipe.gp_weight, alpha=alpha)
         total = d_loss + penalty
         self.critic_optimizer.zero_grad(set_to_none=True)
-        if torch.isfinite(total):
+        if not self.collective.any(not torch.isfinite(total)):
             total.backward()
+            self.collective.mean_gradients(self.critic.parameters())
             torch.nn.utils.clip_grad_norm_(self.critic.parameters(), 10.0)
             self.critic_optimizer.step()
         return {"critic": float(d_loss.detach()), "gp": float(penalty.detach())}

@@ -113,11 +113,13 @@ def _input_gradient_norms(critic: nn.Module, inputs: torch.Tensor) -> torch.Tens
 
 
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, weight: float = 10.0,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, alpha: torch.Tensor | None = None) -> torch.Tensor:
     """WGAN-GP (Gulrajani et al. 2017): ``weight * E[(||∇D(x̂)|| - 1)^2]`` at per-sample random mixes x̂.
-    ``generator`` (a CPU generator) makes the mixes reproducible."""
+    ``generator`` (a CPU generator) makes the mixes reproducible; ``alpha`` gives them ((B, 1, 1, 1) in [0, 1])."""
     shape = (real.shape[0], *([1] * (real.ndim - 1)))
-    if generator is None:
+    if alpha is not None:
+        alpha = alpha.reshape(shape).to(real)
+    elif generator is None:
         alpha = torch.rand(shape, device=real.device, dtype=real.dtype)
     else:
         alpha = torch.rand(shape, generator=generator).to(real)
@@ -136,6 +138,7 @@ def adaptive_gan_weight(
     last_layer_weight: torch.Tensor,
     disc_weight: float = 0.5,
     max_weight: float = 1e4,
+    reduce=None,
 ) -> torch.Tensor:
     """LDM's adaptive weight: ``disc_weight * ||∇_W rec|| / (||∇_W gan|| + 1e-4)``, clamped and detached.
 
@@ -143,5 +146,7 @@ def adaptive_gan_weight(
     reconstruction gradient, whatever the losses' raw scales."""
     (rec_grad,) = torch.autograd.grad(reconstruction_loss, last_layer_weight, retain_graph=True)
     (gan_grad,) = torch.autograd.grad(gan_loss, last_layer_weight, retain_graph=True)
+    if reduce is not None:  # several processes: the gradients of the global batch, so every process gets one weight
+        rec_grad, gan_grad = reduce([rec_grad.clone(), gan_grad.clone()])
     ratio = rec_grad.norm() / (gan_grad.norm() + 1e-4)
     return (ratio.clamp(0.0, max_weight) * disc_weight).detach()

@@ -18,6 +18,10 @@ A job folder (``<jobs root>/<name>/``) is self-contained, so the worker can run 
 
 Every schedule and batch of the trainer is a function of the global step, so a job resumed from a checkpoint
 continues exactly where that checkpoint was (bit for bit on a CPU with fixed threads).
+
+Under ``torchrun --nproc_per_node N tools/run_job.py <folder>`` the same worker runs as N ranks kept in step by
+``training.distributed`` (each takes 1/N of the global batch; gradients averaged explicitly); rank 0 alone writes status,
+metrics, previews and checkpoints (with every rank's RNG state), and broadcasts stop / pause so all ranks stop together.
 """
 from __future__ import annotations
 
@@ -31,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import data, finetune, recipes
+from . import data, distributed, finetune, recipes
 from .files import read_weight_file, save_safetensors_atomic
 from .latent_cache import LatentCache
 from .vae_files import build_autoencoder
@@ -381,7 +385,9 @@ class Worker:
         self.folder = folder
         self.parent_pid = parent_pid  # ComfyUI's pid: when it is gone, checkpoint and stop (no orphan holds the GPU)
         self.spec = load_spec(folder)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # under torchrun: this rank's collective and device (rank 0 alone writes status, metrics, previews, checkpoints)
+        self.collective, self.device = distributed.from_environment(device)
+        self.main = self.collective.is_main
         self.faults = Faults(os.environ.get("VAE_LAB_FAULT"))
         self._base: dict[str, torch.Tensor] | None = None
         self._base_previews: torch.Tensor | None = None
@@ -396,7 +402,13 @@ class Worker:
     def log(self, message: str) -> None:
         self.metric({"kind": "log", "message": message})
 
+    def status(self, state: str, **values) -> None:
+        if self.main:
+            write_status(self.folder, state, **values)
+
     def metric(self, row: dict) -> None:
+        if not self.main:
+            return
         with open(os.path.join(self.folder, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({**row, "time": time.time()}) + "\n")
 
@@ -415,10 +427,38 @@ class Worker:
     def _run(self, recipe: recipes.Recipe, state: dict | None, cache, held_out) -> finetune.DecoderFinetune:
         model = build_autoencoder(self.spec.family, self.base_tensors(), self.spec.latent_scale, self.spec.latent_shift).eval()
         config = finetune.FinetuneConfig(**self.spec.config)
-        return finetune.DecoderFinetune(model, recipe, config, cache, held_out, self.lpips if recipe.uses_lpips else None,
-                                        state, self.device)
+        run = finetune.DecoderFinetune(model, recipe, config, cache, held_out, self.lpips if recipe.uses_lpips else None,
+                                       state, self.device, self.collective)
+        if state is not None and state.get("rng") and len(state["rng"]) == self.collective.world:
+            distributed.set_rng_state(state["rng"][self.collective.rank])
+        return run
+
+    def _latest_state(self) -> dict | None:
+        """The newest checkpoint that loads, the same one on every rank (rank 0 picks it)."""
+        state = latest_checkpoint(self.folder, self.log) if self.main else None
+        step = self.collective.broadcast(state["step"] if state else None)
+        if self.main or step is None:
+            return state
+        return load_checkpoint(os.path.join(self.folder, "checkpoints", f"step_{step:08d}.pt"))
+
+    def _save(self, run: finetune.DecoderFinetune) -> None:
+        """A checkpoint with every rank's RNG state, written by rank 0 (all ranks take part in the gather)."""
+        rng = self.collective.gather(distributed.rng_state())
+        if self.main:
+            state = run.state_dict()
+            state["rng"], state["world_size"] = rng, self.collective.world
+            save_checkpoint(self.folder, state, self.spec.keep_last, self.faults)
 
     def _take_locks(self) -> bool:
+        if not self.collective.active:
+            return self._take_locks_alone()
+        # under torchrun the launcher assigns devices: only the one-worker-per-job lock, taken by rank 0, agreed by all
+        free = self._take_locks_alone(device_lock=False) if self.main else None
+        free = self.collective.broadcast(free)
+        self.busy = not free
+        return free
+
+    def _take_locks_alone(self, device_lock: bool = True) -> bool:
         """One worker per job (a second launch of the same job exits at once) and one job per device at a time: lock
         files held until this process ends (the OS releases them even on SIGKILL). A job waiting for its device shows
         as 'queued' and still obeys stop / pause. False when the job should not run (already running, or stopped
@@ -432,6 +472,8 @@ class Worker:
             print(f"{self.folder}: another worker runs this job already", file=sys.stderr)
             self.busy = True
             return False
+        if not device_lock:
+            return True
         name = f"{self.device.type}{self.device.index if self.device.index is not None else ''}"
         self._lock = open(os.path.join(os.path.dirname(self.folder), f".device-{name}.lock"), "a")  # noqa: SIM115
         waiting = False
@@ -463,8 +505,9 @@ class Worker:
             if getattr(self, "busy", False):
                 return "busy"
             return (read_json(os.path.join(self.folder, "status.json"), {}) or {}).get("state", "stopped")
-        write_status(self.folder, "running", pid=os.getpid(), message="loading images and encoding crops",
-                     total=spec.total_steps, device=str(self.device))
+        where = str(self.device) if not self.collective.active else f"{self.collective.world} × {self.device.type}"
+        self.status("running", pid=os.getpid(), message="loading images and encoding crops", total=spec.total_steps,
+                    device=where)
         recipe = recipes.Recipe(**spec.recipe)
         self.lpips = None
         if recipe.uses_lpips:
@@ -475,9 +518,12 @@ class Worker:
             except LpipsWeightsMissing as exc:
                 raise JobError(f"recipe {recipe.name} needs LPIPS: {exc}; put the file back or start the job with "
                                "furception-nolpips") from exc
-        state = latest_checkpoint(self.folder, self.log)
+        state = self._latest_state()
+        if state is not None and state.get("world_size", 1) != self.collective.world:
+            self.log(f"resuming a {state.get('world_size', 1)}-process checkpoint with {self.collective.world}: same global "
+                     "batch and data order; per-process RNG states are not carried over (the trainer does not use them)")
         train = self._images(spec.train_images)
-        held = self._images(spec.held_out_images)
+        held = self._images(spec.held_out_images) if self.main else []  # held-out evaluation runs on rank 0
         if not train:
             raise JobError("none of the training images could be read")
         encoder_model = build_autoencoder(spec.family, self.base_tensors(), spec.latent_scale, spec.latent_shift).eval()
@@ -513,17 +559,20 @@ class Worker:
         nan_from = fault.step if fault.phase == "nan" else None
         started, start_step, consecutive = time.perf_counter(), run.step, 0
         while run.step < spec.total_steps:
-            if self.parent_pid and not _alive(self.parent_pid):
-                save_checkpoint(self.folder, run.state_dict(), spec.keep_last, fault)
-                write_status(self.folder, "interrupted", step=run.step,
-                             message=f"ComfyUI stopped at step {run.step}; checkpoint written, resume to continue")
+            orphan = bool(self.parent_pid) and not _alive(self.parent_pid)
+            command = self.collective.broadcast((self.control(), orphan) if self.main else None)  # every rank agrees
+            command, orphan = command
+            if orphan:
+                self._save(run)
+                self.status("interrupted", step=run.step,
+                            message=f"ComfyUI stopped at step {run.step}; checkpoint written, resume to continue")
                 return "interrupted"
-            command = self.control()
             if command in ("stop", "pause"):
-                save_checkpoint(self.folder, run.state_dict(), spec.keep_last, fault)
+                self._save(run)
                 state = "stopped" if command == "stop" else "paused"
-                write_status(self.folder, state, step=run.step, message=f"{state} at step {run.step} (checkpoint written)")
-                _remove(os.path.join(self.folder, "control.json"))
+                self.status(state, step=run.step, message=f"{state} at step {run.step} (checkpoint written)")
+                if self.main:
+                    _remove(os.path.join(self.folder, "control.json"))
                 return state
             if fault.phase == "oom" and run.step == fault.step:
                 raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by VAE_LAB_FAULT)")
@@ -546,19 +595,19 @@ class Worker:
                 elapsed = time.perf_counter() - started
                 rate = (run.step - start_step) * run.config.batch_size / max(elapsed, 1e-9)
                 left = (spec.total_steps - run.step) * run.config.batch_size / max(rate, 1e-9)
-                write_status(self.folder, "running", step=run.step, images_per_second=rate, eta_seconds=left,
-                             message=f"step {run.step} / {spec.total_steps}")
+                self.status("running", step=run.step, images_per_second=rate, eta_seconds=left,
+                            message=f"step {run.step} / {spec.total_steps}")
             if held_out is not None and run.config.eval_every and run.step % run.config.eval_every == 0:
                 self.metric({"kind": "eval", **run.evaluate()})
                 self.write_preview(run, held_out)
             if run.step % spec.checkpoint_interval == 0 or run.step == spec.total_steps:
-                save_checkpoint(self.folder, run.state_dict(), spec.keep_last, fault)
+                self._save(run)
         if hook is not None:
             hook.remove()
         if held_out is not None:
             self.metric({"kind": "eval", **run.evaluate()})
         self.write_preview(run, held_out, cache)
-        write_status(self.folder, "done", step=run.step, message=f"finished {run.step} steps")
+        self.status("done", step=run.step, message=f"finished {run.step} steps")
         return "done"
 
     def write_preview(self, run: finetune.DecoderFinetune, held_out, cache=None, count: int = 3) -> None:
@@ -566,6 +615,8 @@ class Worker:
         training crops when nothing is held out); written to a temporary file and renamed."""
         from . import visualize
 
+        if not self.main:
+            return
         if held_out is not None:
             targets, latents = held_out.images01[:count], held_out.latents[:count]
         elif cache is not None:
@@ -585,7 +636,7 @@ class Worker:
         os.replace(temporary, path)
 
     def _rollback(self, run, recipe, cache, held_out):
-        state = latest_checkpoint(self.folder, self.log)
+        state = self._latest_state()
         lower = finetune.recipe_with(recipe, lr=recipe.lr * 0.5)
         self.log(f"{ROLLBACK_AFTER} non-finite steps in a row at step {run.step}: back to "
                  f"{'step ' + str(state['step']) if state else 'the start'} with lr {lower.lr:g}")
@@ -636,11 +687,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = worker.run()
     except torch.cuda.OutOfMemoryError:
-        write_status(folder, "failed", message=(
+        worker.status("failed", message=(
             f"out of GPU memory at batch {worker.spec.config.get('batch_size')}, crop {worker.spec.config.get('crop_size')}: "
             "lower batch_size or crop_size, or turn on gradient_checkpointing; the last checkpoint is kept"))
         return 3
-    except (JobError, finetune.FinetuneError) as exc:
-        write_status(folder, "failed", message=str(exc))
+    except (JobError, finetune.FinetuneError, ValueError) as exc:
+        worker.status("failed", message=str(exc))
         return 2
+    finally:
+        if worker.collective.active:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0 if state in ("done", "stopped", "paused", "interrupted", "busy") else 1
