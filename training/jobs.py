@@ -501,6 +501,12 @@ class Worker:
         spec = self.spec
         if spec.threads:
             torch.set_num_threads(spec.threads)
+        try:
+            self.collective.check_batch(spec.config.get("batch_size", 1))
+        except ValueError as exc:  # every rank finds it: rank 0 writes it before any rank exits (torchrun kills the rest)
+            self.status("failed", message=str(exc))
+            self.collective.barrier()
+            raise JobError(str(exc)) from exc
         if not self._take_locks():
             if getattr(self, "busy", False):
                 return "busy"
