@@ -16,31 +16,44 @@ PACK_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 WEIGHTS = ["ema", "raw"]
 
 
-def training_images(images, folder: str, seed: int, held_out_fraction: float, min_side: int):
-    """(train arrays, held-out arrays, held-out names, what was read) from an IMAGE batch or a folder."""
+def image_source(images, folder: str, min_side: int, node: str):
+    """The training images a node was given: (arrays, None) from an IMAGE batch or (None, ImageFolder) from a folder
+    ('bundled' = the pack's photos), with the refusals both finetune nodes share."""
     if images is not None and folder.strip():
-        raise ValueError("Decoder Finetune Steps: both images and folder are set; clear folder or disconnect images")
+        raise ValueError(f"{node}: both images and folder are set; clear folder or disconnect images")
     if images is not None:
         arrays = images_from_comfy_batch(images, "images")
         small = [a for a in arrays if min(a.shape[:2]) < min_side]
         if small:
-            raise ValueError(f"Decoder Finetune Steps: the images are {small[0].shape[1]}x{small[0].shape[0]}, smaller than "
+            raise ValueError(f"{node}: the images are {small[0].shape[1]}x{small[0].shape[0]}, smaller than "
                              f"crop_size {min_side}; lower crop_size or use larger images")
+        return arrays, None
+    if not folder.strip():
+        raise ValueError(f"{node}: connect images or name a folder (or 'bundled' for VAE Lab's sample photos)")
+    path = PACK_IMAGES if folder.strip() == BUNDLED else os.path.expanduser(folder.strip())
+    if not os.path.isdir(path):
+        raise ValueError(f"{node}: folder {folder!r} does not exist or is not a folder")
+    return None, data.ImageFolder(path, min_side=min_side)
+
+
+def split(count: int, held_out_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """(train, held-out) indices; everything trains when the fraction is 0."""
+    if held_out_fraction <= 0:
+        return list(range(count)), []
+    return data.split_held_out(count, held_out_fraction, seed)
+
+
+def training_images(images, folder: str, seed: int, held_out_fraction: float, min_side: int):
+    """(train arrays, held-out arrays, held-out names, what was read) from an IMAGE batch or a folder."""
+    arrays, found = image_source(images, folder, min_side, "Decoder Finetune Steps")
+    if found is None:
         names = [f"image {i}" for i in range(len(arrays))]
         source = f"{len(arrays)} image(s) from the IMAGE input"
     else:
-        path = PACK_IMAGES if folder.strip() == BUNDLED else os.path.expanduser(folder.strip())
-        if not folder.strip():
-            raise ValueError("Decoder Finetune Steps: connect images or name a folder (or 'bundled' for VAE Lab's sample photos)")
-        if not os.path.isdir(path):
-            raise ValueError(f"Decoder Finetune Steps: folder {folder!r} does not exist or is not a folder")
-        found = data.ImageFolder(path, min_side=min_side)
         arrays = [found.image(i) for i in range(len(found))]
-        names = [os.path.relpath(p, path) for p in found.paths]
-        source = f"{len(arrays)} image(s) from {path}" + (f"; {found.skipped.summary()}" if found.skipped.count else "")
-    train, held = data.split_held_out(len(arrays), held_out_fraction, seed)
-    if held_out_fraction <= 0:
-        train, held = list(range(len(arrays))), []
+        names = [os.path.relpath(p, found.folder) for p in found.paths]
+        source = f"{len(arrays)} image(s) from {found.folder}" + (f"; {found.skipped.summary()}" if found.skipped.count else "")
+    train, held = split(len(arrays), held_out_fraction, seed)
     return [arrays[i] for i in train], [arrays[i] for i in held], [names[i] for i in held], source
 
 

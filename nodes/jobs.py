@@ -12,11 +12,11 @@ import time
 
 from comfy_api.latest import io
 
-from ..training import data, finetune, jobs, layouts, perceptual, recipes
+from ..training import finetune, jobs, layouts, perceptual, recipes
 from ..training.files import read_weight_file
 from .common import CATEGORY, summary_ui
-from .finetune_steps import BUNDLED, PACK_IMAGES, WEIGHTS
-from .host import images_from_comfy_batch, output_folder, training_device
+from .finetune_steps import BUNDLED, WEIGHTS, image_source, split
+from .host import output_folder, training_device
 from .host_vae import full_vae, latent_scale_shift, weights_or_refusal
 
 JOBS = "vae_lab_jobs"
@@ -99,11 +99,11 @@ class StartFinetuneJob(io.ComfyNode):
         if not weights.detected.has_encoder:
             raise ValueError("Start Finetune Job: this VAE's encoder comes from another family (a hybrid); a job needs "
                              "one VAE it can copy whole")
-        paths, arrays, source = _training_images(folder, images, crop_size)
-        count = len(paths or arrays)
-        train_idx, held_idx = data.split_held_out(count, held_out_fraction, seed)
-        if held_out_fraction <= 0:
-            train_idx, held_idx = list(range(count)), []
+        arrays, found = image_source(images, folder, crop_size, "Start Finetune Job")
+        paths = list(found.paths) if found is not None else None
+        source = (f"the IMAGE input ({len(arrays)} images)" if found is None else
+                  found.folder + (f"; {found.skipped.summary()}" if found.skipped.count else ""))
+        train_idx, held_idx = split(len(paths or arrays), held_out_fraction, seed)
         wanted = recipes.RECIPES[recipe]
         backbone = perceptual.find_backbone_file(wanted.lpips_net) if wanted.uses_lpips else None
         chosen, note = recipes.resolve_recipe(recipe, backbone is not None)
@@ -132,26 +132,6 @@ class StartFinetuneJob(io.ComfyNode):
             lines.append("NOTE: " + note)
         text = "\n".join(lines)
         return io.NodeOutput(name, ui=summary_ui(text, {"job": name, "pid": process.pid, "folder": job}))
-
-
-def _training_images(folder: str, images, crop_size: int) -> tuple[list[str] | None, list | None, str]:
-    """(paths, None, source) from a folder or (None, arrays, source) from an IMAGE batch."""
-    if images is not None and folder.strip():
-        raise ValueError("Start Finetune Job: both images and folder are set; clear folder or disconnect images")
-    if images is not None:
-        arrays = images_from_comfy_batch(images, "images")
-        small = [a for a in arrays if min(a.shape[:2]) < crop_size]
-        if small:
-            raise ValueError(f"Start Finetune Job: the images are {small[0].shape[1]}x{small[0].shape[0]}, smaller than "
-                             f"crop_size {crop_size}; lower crop_size or use larger images")
-        return None, arrays, f"the IMAGE input ({len(arrays)} images)"
-    if not folder.strip():
-        raise ValueError("Start Finetune Job: connect images or name a folder (or 'bundled' for VAE Lab's sample photos)")
-    path = PACK_IMAGES if folder.strip() == BUNDLED else os.path.expanduser(folder.strip())
-    if not os.path.isdir(path):
-        raise ValueError(f"Start Finetune Job: folder {folder!r} does not exist or is not a folder")
-    found = data.ImageFolder(path, min_side=crop_size)
-    return list(found.paths), None, path + (f"; {found.skipped.summary()}" if found.skipped.count else "")
 
 
 def _checkpoint(job: str) -> str | None:
