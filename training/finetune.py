@@ -225,7 +225,7 @@ class DecoderFinetune:
                 reference = shard(self.cache.reference_energies(step, self.config.batch_size))
             else:
                 reference = metrics.high_frequency_energy(targets)
-            detail = detail_loss(out01, reference)
+            detail = detail_loss(out01, reference * recipe.detail_target)
             rec = rec + recipe.detail_weight * detail
             logs["detail"] = float(detail.detach())
         loss = rec

@@ -30,6 +30,7 @@ class Recipe:
     lpips_net: str = "vgg"
     detail_weight: float = 0.0  # keeps high-frequency energy where it was (see finetune.detail_loss)
     detail_reference: str = "base"  # "base": the decoder's own output before training; "target": the training crop
+    detail_target: float = 1.0  # the energy aimed at, as a share of the reference (< 1 trades sharpness for PSNR)
     # adversarial ---------------------------------------------------------------------------------
     gan_weight: float = 0.0  # LDM's disc_weight: GAN gradient = this x reconstruction gradient at the last layer
     gan_start: int = 2000  # step from which the decoder sees the GAN loss ...
