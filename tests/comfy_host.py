@@ -44,19 +44,22 @@ def _free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, comfy_dir: str):
+    def __init__(self, comfy_dir: str, base: str | None = None):
+        """A server on a fresh base directory, or on ``base`` (one a stopped server left with ``stop(remove=False)``:
+        ComfyUI restarted on the same folders)."""
         self.comfy_dir = comfy_dir
-        self.base = tempfile.mkdtemp(prefix="vae_lab_host_")
-        for sub in ("custom_nodes", "models", "input", "output", "temp", "user"):
-            os.makedirs(os.path.join(self.base, sub))
-        os.symlink(ROOT, os.path.join(self.base, "custom_nodes", PACK_NAME))
-        example = os.path.join(comfy_dir, "input", "example.png")
-        if os.path.exists(example):
-            shutil.copy(example, os.path.join(self.base, "input", "example.png"))
+        self.base = base or tempfile.mkdtemp(prefix="vae_lab_host_")
+        if base is None:
+            for sub in ("custom_nodes", "models", "input", "output", "temp", "user"):
+                os.makedirs(os.path.join(self.base, sub))
+            os.symlink(ROOT, os.path.join(self.base, "custom_nodes", PACK_NAME))
+            example = os.path.join(comfy_dir, "input", "example.png")
+            if os.path.exists(example):
+                shutil.copy(example, os.path.join(self.base, "input", "example.png"))
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = os.path.join(self.base, "server.log")
-        self._log = open(self.log_path, "w")
+        self._log = open(self.log_path, "a")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
             [comfyui_python(comfy_dir), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
@@ -115,14 +118,15 @@ class ComfyServer:
             time.sleep(0.25)
         raise AssertionError(f"prompt {prompt_id} did not finish within {timeout}s\n{self.log()[-3000:]}")
 
-    def stop(self) -> None:
+    def stop(self, remove: bool = True) -> None:
         self.process.terminate()
         try:
             self.process.wait(20)
         except subprocess.TimeoutExpired:
             self.process.kill()
         self._log.close()
-        shutil.rmtree(self.base, ignore_errors=True)
+        if remove:
+            shutil.rmtree(self.base, ignore_errors=True)
 
 
 def ui_to_api(workflow: dict, object_info: dict) -> dict:

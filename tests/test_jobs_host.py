@@ -155,3 +155,42 @@ def test_a_job_started_from_an_image_batch(comfy_server):
     prompt[start]["inputs"]["job_name"] = name + "_2"
     error = server.run_prompt(prompt, timeout=60, expect_error=True)
     assert "both images and folder are set" in error["exception_message"]
+
+
+def _status(folder):
+    with open(os.path.join(folder, "status.json")) as f:
+        return json.load(f)
+
+
+def test_a_job_survives_a_comfyui_restart_as_interrupted_and_resumes():
+    """ComfyUI stops while a job trains: the worker checkpoints and stops as 'interrupted' (no orphan); a new ComfyUI on
+    the same folders lists it with Resume, and Resume continues from that checkpoint."""
+    from comfy_host import ComfyServer
+
+    first = ComfyServer(comfyui_dir())
+    second = None
+    try:
+        first.wait_ready()
+        name = "restart_me"
+        first.run_prompt(start_prompt(first, name), timeout=120)
+        wait(lambda: summary(first, name).get("step", 0) > 0, 300, "training")
+        first.stop(remove=False)
+        folder = os.path.join(first.base, "output", "vae_lab_jobs", name)
+        status = wait(lambda: (s := _status(folder))["state"] == "interrupted" and s,
+                      60, "the worker to notice ComfyUI is gone")
+        assert f"step_{status['step']:08d}.pt" in os.listdir(os.path.join(folder, "checkpoints"))
+        second = ComfyServer(comfyui_dir(), base=first.base)
+        second.wait_ready()
+        listed = {j["job"]: j for j in request(second, "GET", "/vae_lab/jobs")[1]["jobs"]}
+        assert listed[name]["state"] == "interrupted" and "resume" in listed[name]["actions"]
+        assert request(second, "POST", f"/vae_lab/jobs/{name}/resume")[0] == 200
+        wait(lambda: (s := summary(second, name))["state"] == "running" and s["step"] > status["step"], 300, "resumed")
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            assert f"resumed from step {status['step']}" in f.read()
+        request(second, "POST", f"/vae_lab/jobs/{name}/stop")
+        wait(lambda: summary(second, name)["state"] == "stopped", 120, "stopped")
+    finally:
+        if second is not None:
+            second.stop()
+        else:
+            first.stop()
