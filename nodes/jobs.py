@@ -15,7 +15,7 @@ from comfy_api.latest import io
 from ..training import finetune, jobs, layouts, perceptual, recipes
 from ..training.files import read_weight_file
 from .common import CATEGORY, summary_ui
-from .finetune_steps import BUNDLED, WEIGHTS, image_source, split
+from .finetune_steps import BUNDLED, WEIGHTS, TrainingState, image_source, split
 from .host import output_folder, training_device
 from .host_vae import full_vae, latent_scale_shift, weights_or_refusal
 
@@ -82,6 +82,12 @@ class StartFinetuneJob(io.ComfyNode):
                 io.Image.Input("images", optional=True,
                                tooltip="Train on this IMAGE batch instead of a folder (clear folder then); the images "
                                        "are copied into the job as PNGs."),
+                io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
+                                 tooltip="Recompute activations in the backward pass: much less GPU memory, ~30 % slower "
+                                         "(what an out-of-memory message suggests)."),
+                TrainingState.Input("training_state", optional=True,
+                                    tooltip="Continue this run (from Decoder Finetune Steps) as a job: it becomes the job's "
+                                            "first checkpoint; total_steps counts from the run's start."),
             ],
             outputs=[io.String.Output("job_id", display_name="job_id", tooltip="The job's name (its folder under output/vae_lab_jobs).")],
         )
@@ -92,7 +98,8 @@ class StartFinetuneJob(io.ComfyNode):
 
     @classmethod
     def execute(cls, vae, folder, recipe, total_steps, checkpoint_interval, batch_size, crop_size, learning_rate, seed,
-                held_out_fraction, job_name, images=None) -> io.NodeOutput:
+                held_out_fraction, job_name, images=None, gradient_checkpointing=False,
+                training_state=None) -> io.NodeOutput:
         from dataclasses import asdict
 
         weights = weights_or_refusal(vae, "Start Finetune Job")
@@ -111,7 +118,8 @@ class StartFinetuneJob(io.ComfyNode):
             chosen = finetune.recipe_with(chosen, lr=learning_rate)
         scale, shift = latent_scale_shift(vae, weights)
         config = finetune.FinetuneConfig(batch_size=batch_size, crop_size=crop_size, seed=seed,
-                                         eval_every=max(checkpoint_interval, 1))
+                                         eval_every=max(checkpoint_interval, 1),
+                                         gradient_checkpointing=gradient_checkpointing)
         spec = jobs.JobSpec(recipe=chosen.as_dict(), config=asdict(config), total_steps=total_steps,
                             checkpoint_interval=checkpoint_interval, train_images=[paths[i] for i in train_idx] if paths else [],
                             held_out_images=[paths[i] for i in held_idx] if paths else [], family=weights.family,
@@ -120,7 +128,7 @@ class StartFinetuneJob(io.ComfyNode):
         try:
             job = jobs.create_job(jobs_root(), name, weights.tensors, spec,
                                   [arrays[i] for i in train_idx] if arrays else None,
-                                  [arrays[i] for i in held_idx] if arrays else None)
+                                  [arrays[i] for i in held_idx] if arrays else None, training_state)
         except jobs.JobError as exc:
             raise ValueError(f"Start Finetune Job: {exc}") from exc
         process = launch_worker(job)
@@ -128,6 +136,8 @@ class StartFinetuneJob(io.ComfyNode):
                  f"{len(train_idx)} training / {len(held_idx)} held-out images from {source}",
                  (f"{chosen.name}, {total_steps} steps, checkpoint every {checkpoint_interval}; follow it in the VAE Lab "
                   "panel (sidebar), load it with Load Finetune Job")]
+        if training_state is not None:
+            lines.append(f"continues the connected training_state from step {training_state['step']}")
         if note:
             lines.append("NOTE: " + note)
         text = "\n".join(lines)

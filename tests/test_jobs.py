@@ -344,3 +344,23 @@ def test_a_job_with_an_lpips_recipe_trains_with_the_backbone_found_at_start_and_
     assert run_worker(folder).returncode == 2
     status = jobs.read_json(os.path.join(folder, "status.json"))
     assert status["state"] == "failed" and "needs LPIPS" in status["message"] and "furception-nolpips" in status["message"]
+
+
+def test_a_job_continues_a_training_state_and_ends_where_one_run_would(tmp_path, reference):
+    """A training state (as Decoder Finetune Steps outputs) becomes a new job's first checkpoint: the job resumes from its
+    step and ends with the uninterrupted run's weights. Wrong family, a state past total_steps and junk are refused."""
+    state = jobs.load_checkpoint(jobs.checkpoint_paths(reference)[-1])  # step 4 of the reference run
+    assert state["step"] == 4
+    model = taef2_model()
+    spec = jobs.load_spec(reference)
+    folder = jobs.create_job(str(tmp_path), "continued", model.state_dict(), spec, initial_state=state)
+    assert jobs.read_json(os.path.join(folder, "status.json"))["step"] == 4
+    result = run_worker(folder)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resumed from step 4" in read_text(os.path.join(folder, "metrics.jsonl"))
+    assert_same_training(final_state(folder), final_state(reference))
+    for bad, message in (({**state, "family": "kl"}, "trains a kl decoder"), ({**state, "step": TOTAL}, "raise total_steps"),
+                         ({"format": "something"}, "not a VAE Lab training state")):
+        with pytest.raises(jobs.JobError, match=message):
+            jobs.create_job(str(tmp_path), "refused", model.state_dict(), spec, initial_state=bad)
+        assert not os.path.exists(os.path.join(str(tmp_path), "refused"))

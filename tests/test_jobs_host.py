@@ -194,3 +194,32 @@ def test_a_job_survives_a_comfyui_restart_as_interrupted_and_resumes():
             second.stop()
         else:
             first.stop()
+
+
+def test_start_finetune_job_continues_a_training_state_from_the_graph(comfy_server):
+    """Decoder Finetune Steps (2 steps) → its training_state into Start Finetune Job (total 4, gradient checkpointing on):
+    the job resumes at step 2 and finishes at 4 with gradient checkpointing in its config."""
+    server, name = comfy_server, "continued_from_graph"
+    with open(os.path.join(ROOT, "example_workflows", "finetune_decoder_on_folder.json")) as f:
+        graph = ui_to_api(json.load(f), server.get("/object_info"))
+    loader = next(k for k, v in graph.items() if v["class_type"] == "VAELab_LoadTinyAutoencoder")
+    steps = next(k for k, v in graph.items() if v["class_type"] == "VAELab_DecoderFinetuneSteps")
+    prompt = {loader: graph[loader], steps: graph[steps]}
+    prompt[steps]["inputs"].update(steps=2, batch_size=1, crop_size=64)
+    start = start_prompt(server, name, total_steps=4, interval=2)
+    node = next(k for k, v in start.items() if v["class_type"] == "VAELab_StartFinetuneJob")
+    prompt["start"] = start[node]
+    prompt["start"]["inputs"].update(vae=[loader, 0], training_state=[steps, 1], gradient_checkpointing=True)
+    entry = server.run_prompt(prompt, timeout=300)
+    assert "continues the connected training_state from step 2" in entry["outputs"]["start"]["text"][0]
+    done = wait(lambda: (s := summary(server, name))["state"] in ("done", "failed") and s, 300, "the job to end")
+    assert done["state"] == "done" and done["step"] == 4, done
+    folder = os.path.join(server.base, "output", "vae_lab_jobs", name)
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        assert "resumed from step 2" in f.read()
+    assert jobs_spec(folder)["config"]["gradient_checkpointing"] is True
+
+
+def jobs_spec(folder):
+    with open(os.path.join(folder, "job.json")) as f:
+        return json.load(f)

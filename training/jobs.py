@@ -116,15 +116,26 @@ class JobSpec:
 
 
 def create_job(root: str, name: str, base_tensors: dict[str, torch.Tensor], spec: JobSpec,
-               train_arrays: list | None = None, held_out_arrays: list | None = None) -> str:
+               train_arrays: list | None = None, held_out_arrays: list | None = None,
+               initial_state: dict | None = None) -> str:
     """Makes ``root/name`` with its base weights, job.json and a 'queued' status. Refuses an existing job.
     ``train_arrays`` / ``held_out_arrays`` (float (H, W, 3) in [0, 1], e.g. an IMAGE batch) are written into the
-    job's ``images/`` as 8-bit PNGs and added to the spec's lists, so the job does not depend on the graph."""
+    job's ``images/`` as 8-bit PNGs and added to the spec's lists, so the job does not depend on the graph.
+    ``initial_state`` (a training state, e.g. from Decoder Finetune Steps) becomes the job's first checkpoint: the job
+    continues that run."""
     folder = job_folder(root, name)
     if os.path.exists(folder):
         raise JobError(f"a job named {name!r} exists already; pick another name or delete it first")
     if spec.total_steps < 1 or spec.checkpoint_interval < 1:
         raise JobError("total_steps and checkpoint_interval must be at least 1")
+    if initial_state is not None:
+        if not isinstance(initial_state, dict) or initial_state.get("format") != finetune.STATE_FORMAT:
+            raise JobError("training_state: not a VAE Lab training state")
+        if initial_state.get("family") != spec.family:
+            raise JobError(f"training_state: it trains a {initial_state.get('family')} decoder, the VAE is {spec.family}; "
+                           "connect the VAE that run started from")
+        if initial_state["step"] >= spec.total_steps:
+            raise JobError(f"training_state is at step {initial_state['step']} already: raise total_steps above it")
     if not spec.train_images and not train_arrays:
         raise JobError("a job needs training images")
     os.makedirs(os.path.join(folder, "checkpoints"))
@@ -136,7 +147,10 @@ def create_job(root: str, name: str, base_tensors: dict[str, torch.Tensor], spec
             paths.append(path)
     save_safetensors_atomic(base_tensors, os.path.join(folder, "base.safetensors"), {"vae_lab.family": spec.family})
     write_json_atomic(os.path.join(folder, "job.json"), asdict(spec))
-    write_status(folder, "queued", step=0, total=spec.total_steps, message="waiting for the worker")
+    if initial_state is not None:
+        save_checkpoint(folder, initial_state, spec.keep_last)
+    write_status(folder, "queued", step=initial_state["step"] if initial_state else 0, total=spec.total_steps,
+                 message="waiting for the worker")
     return folder
 
 
@@ -551,6 +565,8 @@ class Worker:
                                             plain_encode, config.eval_size) if held else None
         with LatentCache(train, config.crop_size, config.crops_per_image, config.seed, encode) as cache:
             run = self._run(recipe, state, cache, held_out)
+            for note in run.notes:
+                self.log(note)
             if state is not None:
                 self.log(f"resumed from step {state['step']}")
             elif run.base_evaluation is not None:

@@ -5,7 +5,8 @@
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 import {
-  applyEvent, entryFromDetail, lossSeries, METRICS, metricDeltas, metricSeries, progressLine, sortedJobs, svgPath,
+  applyEvent, entryFromDetail, lossSeries, METRICS, metricDeltas, metricSeries, progressLine, shownMessage, sortedJobs,
+  svgPath,
 } from "./vae_lab_jobs_logic.js";
 
 const TAB_ID = "vae-lab-jobs";
@@ -147,7 +148,7 @@ function render() {
     card.dataset.step = String(entry.summary.step ?? 0);
     card.innerHTML = cardHtml(entry);
     card.querySelector(".vae-lab-job-name").textContent = name;
-    card.querySelector(".vae-lab-job-message").textContent = entry.summary.message ?? "";
+    card.querySelector(".vae-lab-job-message").textContent = shownMessage(entry.summary);
     const img = card.querySelector(".vae-lab-job-preview");
     if (img) {
       const src = api.apiURL(`/vae_lab/jobs/${encodeURIComponent(name)}/preview.png?t=${entry.summary.preview}`);

@@ -67,6 +67,12 @@ export function progressLine(summary) {
   return { text: parts.join(" · "), percent };
 }
 
+// The worker's message unless it only repeats the progress line ("step n / N").
+export function shownMessage(summary) {
+  const message = summary?.message ?? "";
+  return /^step \d+ \/ \d+$/.test(message) ? "" : message;
+}
+
 export function isActive(summary) {
   return ACTIVE.has(summary?.state);
 }

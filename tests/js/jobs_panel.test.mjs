@@ -5,7 +5,7 @@ import { test } from "node:test";
 
 import {
   addRow, applyEvent, entryFromDetail, formatDuration, lossSeries, MAX_POINTS, metricDeltas, metricSeries, progressLine,
-  sortedJobs, svgPath,
+  shownMessage, sortedJobs, svgPath,
 } from "../../web/vae_lab_jobs_logic.js";
 
 const detail = {
@@ -96,4 +96,10 @@ test("active jobs are listed first, then the most recently updated", () => {
     live: { summary: { job: "live", state: "running", updated: 1 } },
   };
   assert.deepEqual(sortedJobs(jobs).map((e) => e.summary.job), ["live", "new", "old"]);
+});
+
+test("the worker's message is shown unless it only repeats the progress", () => {
+  assert.equal(shownMessage({ message: "step 10 / 400" }), "");
+  assert.equal(shownMessage({ message: "stopped at step 10 (checkpoint written)" }), "stopped at step 10 (checkpoint written)");
+  assert.equal(shownMessage({}), "");
 });
