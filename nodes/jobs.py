@@ -35,10 +35,13 @@ def launch_worker(folder: str) -> subprocess.Popen:
     # a ComfyUI started under a launcher must not pass its torch.distributed variables on: this worker is one process
     env = {k: v for k, v in os.environ.items()
            if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    # its own session / process group: Ctrl+C in ComfyUI's terminal does not hit it mid-write (it stops by itself,
+    # with a checkpoint, when ComfyUI is gone)
+    detach = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt" else {"start_new_session": True})
     with open(os.path.join(folder, "worker.log"), "ab") as log:
         return subprocess.Popen([sys.executable, SCRIPT, folder, "--device", str(training_device()),
                                  "--parent-pid", str(os.getpid())],
-                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+                                stdout=log, stderr=subprocess.STDOUT, env=env, **detach)
 
 
 def job_names() -> list[str]:

@@ -147,7 +147,7 @@ def test_out_of_memory_ends_the_job_with_advice_and_keeps_the_checkpoint(tmp_pat
 
 
 def test_job_names_cannot_leave_the_jobs_folder(tmp_path):
-    for bad in ("../escape", "a/b", "..", ".hidden", "", "x" * 81, "/abs", "a\\b"):
+    for bad in ("../escape", "a/b", "..", ".hidden", "", "x" * 81, "/abs", "a\\b", "job.", "NUL", "com1.txt", "Aux"):
         with pytest.raises(jobs.JobError):
             jobs.job_folder(str(tmp_path), bad)
     assert jobs.job_folder(str(tmp_path), "my-job_1.v2") == os.path.join(os.path.realpath(tmp_path), "my-job_1.v2")
@@ -364,3 +364,14 @@ def test_a_job_continues_a_training_state_and_ends_where_one_run_would(tmp_path,
         with pytest.raises(jobs.JobError, match=message):
             jobs.create_job(str(tmp_path), "refused", model.state_dict(), spec, initial_state=bad)
         assert not os.path.exists(os.path.join(str(tmp_path), "refused"))
+
+
+def test_locks_and_liveness_helpers(tmp_path):
+    path = os.path.join(str(tmp_path), ".device-cpu.lock")
+    with open(path, "a") as first, open(path, "a") as second:
+        assert jobs.try_lock(first) and not jobs.try_lock(second)  # one holder at a time, even in one process
+    with open(path, "a") as again:
+        assert jobs.try_lock(again)  # released when the holder's file closed (or its process ended)
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()
+    assert jobs._alive(os.getpid()) and not jobs._alive(ended.pid)

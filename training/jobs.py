@@ -43,6 +43,7 @@ from .vae_files import build_autoencoder
 JOB_FORMAT = "vae_lab.job"
 JOB_VERSION = 1
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,79}$")
+WINDOWS_DEVICES = re.compile(r"^(con|prn|aux|nul|com[0-9]|lpt[0-9])(\..*)?$", re.IGNORECASE)  # not folders there
 STATES = ("queued", "running", "paused", "stopped", "interrupted", "done", "failed")
 ROLLBACK_AFTER = 3  # consecutive non-finite steps before going back to the last checkpoint with half the LR
 
@@ -53,9 +54,10 @@ class JobError(ValueError):
 
 def job_folder(root: str, name: str) -> str:
     """``root/name``, refusing names that could leave ``root`` (separators, '..', hidden names, odd characters)."""
-    if not isinstance(name, str) or not NAME.match(name) or ".." in name:
-        raise JobError(f"job name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit "
-                       "(at most 80 characters)")
+    if (not isinstance(name, str) or not NAME.match(name) or ".." in name or name.endswith(".")
+            or WINDOWS_DEVICES.match(name)):
+        raise JobError(f"job name {name!r}: use letters, digits, '_', '-' and '.', starting with a letter or digit, "
+                       "not ending with '.', not a Windows device name such as NUL or COM1 (at most 80 characters)")
     root_real = os.path.realpath(root)
     path = os.path.realpath(os.path.join(root_real, name))
     if os.path.dirname(path) != root_real:
@@ -69,8 +71,21 @@ def write_json_atomic(path: str, value) -> None:
         json.dump(value, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(temporary, path)
+    replace(temporary, path)
     _fsync_dir(os.path.dirname(path))
+
+
+def replace(source: str, destination: str) -> None:
+    """os.replace, retried briefly on Windows, where it fails while another process (the panel's route, Load Finetune
+    Job) has the destination open."""
+    for attempt in range(50):
+        try:
+            os.replace(source, destination)
+            return
+        except PermissionError:
+            if os.name != "nt" or attempt == 49:
+                raise
+            time.sleep(0.02)
 
 
 def _fsync_dir(folder: str) -> None:
@@ -161,7 +176,7 @@ def _save_png01(pixels, path: str) -> None:
     array = (np.clip(np.asarray(pixels, dtype=np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
     temporary = f"{path}.{os.getpid()}.tmp"
     Image.fromarray(array).save(temporary, format="PNG")
-    os.replace(temporary, path)
+    replace(temporary, path)
 
 
 def write_status(folder: str, state: str, **values) -> dict:
@@ -231,7 +246,7 @@ def save_checkpoint(folder: str, state: dict, keep_last: int, fault=lambda phase
         f.flush()
         os.fsync(f.fileno())
     fault("after-temp-write", state["step"])
-    os.replace(temporary, path)
+    replace(temporary, path)
     _fsync_dir(os.path.dirname(path))
     fault("after-rename", state["step"])
     for old in checkpoint_paths(folder)[keep_last:]:
@@ -477,12 +492,8 @@ class Worker:
         files held until this process ends (the OS releases them even on SIGKILL). A job waiting for its device shows
         as 'queued' and still obeys stop / pause. False when the job should not run (already running, or stopped
         while queued)."""
-        import fcntl
-
         self._job_lock = open(os.path.join(self.folder, ".worker.lock"), "a")  # noqa: SIM115 (held for the process' life)
-        try:
-            fcntl.flock(self._job_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(self._job_lock):
             print(f"{self.folder}: another worker runs this job already", file=sys.stderr)
             self.busy = True
             return False
@@ -492,11 +503,8 @@ class Worker:
         self._lock = open(os.path.join(os.path.dirname(self.folder), f".device-{name}.lock"), "a")  # noqa: SIM115
         waiting = False
         while True:
-            try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if try_lock(self._lock):
                 return True
-            except BlockingIOError:
-                pass
             command = self.control()
             if command in ("stop", "pause"):
                 _remove(os.path.join(self.folder, "control.json"))
@@ -655,7 +663,7 @@ class Worker:
         path = os.path.join(self.folder, "preview.png")
         temporary = f"{path}.{os.getpid()}.tmp.png"
         visualize.save_png(visualize.grid(rows), temporary)
-        os.replace(temporary, path)
+        replace(temporary, path)
 
     def _rollback(self, run, recipe, cache, held_out):
         state = self._latest_state()
@@ -672,7 +680,30 @@ def _remove(path: str) -> None:
         pass
 
 
+def try_lock(f) -> bool:
+    """An exclusive lock on the open file ``f`` without waiting; the OS releases it when the process ends, however it
+    ends. fcntl on Linux/macOS, msvcrt on Windows (a lock on its first byte)."""
+    if os.name == "nt":
+        import msvcrt
+
+        try:
+            f.seek(0)
+            msvcrt.locking(f.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    import fcntl
+
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 def _alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send Ctrl+C there (signal 0 is CTRL_C_EVENT)
+        return _alive_windows(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -680,6 +711,20 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return not _is_zombie(pid)  # an ended process not yet reaped by its own parent still answers kill(pid, 0)
+
+
+def _alive_windows(pid: int) -> bool:
+    import ctypes
+
+    kernel32 = ctypes.windll.kernel32
+    handle = kernel32.OpenProcess(0x1000, False, pid)  # PROCESS_QUERY_LIMITED_INFORMATION
+    if not handle:
+        return False
+    try:
+        code = ctypes.c_ulong()
+        return bool(kernel32.GetExitCodeProcess(handle, ctypes.byref(code))) and code.value == 259  # STILL_ACTIVE
+    finally:
+        kernel32.CloseHandle(handle)
 
 
 def _is_zombie(pid: int) -> bool:
