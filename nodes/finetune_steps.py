@@ -36,13 +36,6 @@ def image_source(images, folder: str, min_side: int, node: str):
     return None, data.ImageFolder(path, min_side=min_side)
 
 
-def split(count: int, held_out_fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train, held-out) indices; everything trains when the fraction is 0."""
-    if held_out_fraction <= 0:
-        return list(range(count)), []
-    return data.split_held_out(count, held_out_fraction, seed)
-
-
 def training_images(images, folder: str, seed: int, held_out_fraction: float, min_side: int):
     """(train arrays, held-out arrays, held-out names, what was read) from an IMAGE batch or a folder."""
     arrays, found = image_source(images, folder, min_side, "Decoder Finetune Steps")
@@ -53,7 +46,7 @@ def training_images(images, folder: str, seed: int, held_out_fraction: float, mi
         arrays = [found.image(i) for i in range(len(found))]
         names = [os.path.relpath(p, found.folder) for p in found.paths]
         source = f"{len(arrays)} image(s) from {found.folder}" + (f"; {found.skipped.summary()}" if found.skipped.count else "")
-    train, held = split(len(arrays), held_out_fraction, seed)
+    train, held = data.split_or_all(len(arrays), held_out_fraction, seed)
     return [arrays[i] for i in train], [arrays[i] for i in held], [names[i] for i in held], source
 
 

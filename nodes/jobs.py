@@ -12,10 +12,10 @@ import time
 
 from comfy_api.latest import io
 
-from ..training import finetune, jobs, layouts, perceptual, recipes
+from ..training import data, finetune, jobs, layouts, recipes
 from ..training.files import read_weight_file
 from .common import CATEGORY, summary_ui
-from .finetune_steps import BUNDLED, WEIGHTS, TrainingState, image_source, split
+from .finetune_steps import BUNDLED, WEIGHTS, TrainingState, image_source
 from .host import output_folder, training_device
 from .host_vae import full_vae, latent_scale_shift, weights_or_refusal
 
@@ -103,8 +103,6 @@ class StartFinetuneJob(io.ComfyNode):
     def execute(cls, vae, folder, recipe, total_steps, checkpoint_interval, batch_size, crop_size, learning_rate, seed,
                 held_out_fraction, job_name, images=None, gradient_checkpointing=False,
                 training_state=None) -> io.NodeOutput:
-        from dataclasses import asdict
-
         weights = weights_or_refusal(vae, "Start Finetune Job")
         if not weights.detected.has_encoder:
             raise ValueError("Start Finetune Job: this VAE's encoder comes from another family (a hybrid); a job needs "
@@ -113,20 +111,14 @@ class StartFinetuneJob(io.ComfyNode):
         paths = list(found.paths) if found is not None else None
         source = (f"the IMAGE input ({len(arrays)} images)" if found is None else
                   found.folder + (f"; {found.skipped.summary()}" if found.skipped.count else ""))
-        train_idx, held_idx = split(len(paths or arrays), held_out_fraction, seed)
-        wanted = recipes.RECIPES[recipe]
-        backbone = perceptual.find_backbone_file(wanted.lpips_net) if wanted.uses_lpips else None
-        chosen, note = recipes.resolve_recipe(recipe, backbone is not None)
-        if learning_rate > 0:
-            chosen = finetune.recipe_with(chosen, lr=learning_rate)
+        train_idx, held_idx = data.split_or_all(len(paths or arrays), held_out_fraction, seed)
         scale, shift = latent_scale_shift(vae, weights)
         config = finetune.FinetuneConfig(batch_size=batch_size, crop_size=crop_size, seed=seed,
                                          eval_every=max(checkpoint_interval, 1),
                                          gradient_checkpointing=gradient_checkpointing)
-        spec = jobs.JobSpec(recipe=chosen.as_dict(), config=asdict(config), total_steps=total_steps,
-                            checkpoint_interval=checkpoint_interval, train_images=[paths[i] for i in train_idx] if paths else [],
-                            held_out_images=[paths[i] for i in held_idx] if paths else [], family=weights.family,
-                            latent_scale=scale, latent_shift=shift, lpips_backbone=backbone if chosen.uses_lpips else None)
+        spec, note = jobs.new_spec(recipe, learning_rate, config, total_steps, checkpoint_interval,
+                                   [paths[i] for i in train_idx] if paths else [],
+                                   [paths[i] for i in held_idx] if paths else [], weights.family, scale, shift)
         name = job_name.strip() or time.strftime("vae_lab_%Y%m%d_%H%M%S")
         try:
             job = jobs.create_job(jobs_root(), name, weights.tensors, spec,
@@ -137,7 +129,7 @@ class StartFinetuneJob(io.ComfyNode):
         process = launch_worker(job)
         lines = [f"started job {name} (worker pid {process.pid}) in {job}",
                  f"{len(train_idx)} training / {len(held_idx)} held-out images from {source}",
-                 (f"{chosen.name}, {total_steps} steps, checkpoint every {checkpoint_interval}; follow it in the VAE Lab "
+                 (f"{spec.recipe['name']}, {total_steps} steps, checkpoint every {checkpoint_interval}; follow it in the VAE Lab "
                   "panel (sidebar), load it with Load Finetune Job")]
         if training_state is not None:
             lines.append(f"continues the connected training_state from step {training_state['step']}")
@@ -189,15 +181,10 @@ class LoadFinetuneJob(io.ComfyNode):
         spec = jobs.load_spec(folder)
         status = jobs.read_json(os.path.join(folder, "status.json"), {}) or {}
         if step:
-            path = os.path.join(folder, "checkpoints", f"step_{step:08d}.pt")
-            if not os.path.isfile(path):
-                kept = [int(os.path.basename(p)[5:13]) for p in jobs.checkpoint_paths(folder)]
-                raise ValueError(f"Load Finetune Job: {job} has no checkpoint of step {step}; it keeps steps {kept} "
-                                 "(0 = the newest)")
             try:
-                state = jobs.load_checkpoint(path)
+                state = jobs.checkpoint_at(folder, step)
             except jobs.JobError as exc:
-                raise ValueError(f"Load Finetune Job: {exc}; pick another step or 0") from exc
+                raise ValueError(f"Load Finetune Job: {exc}") from exc
         else:
             state = jobs.latest_checkpoint(folder)
         if state is None:

@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import asdict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from training import data, finetune, jobs, perceptual, recipes
+from training import data, finetune, jobs, recipes
 from training.taesd import load_tiny_autoencoder
 from training.vae_files import VaeFileError, join_files, open_vae_file
 
@@ -68,28 +67,20 @@ def main(argv: list[str] | None = None) -> int:
         found = data.ImageFolder(os.path.expanduser(args.images), min_side=args.crop_size)
     except (VaeFileError, data.NoUsableImages, OSError) as exc:
         p.error(str(exc))
-    train_idx, held_idx = data.split_held_out(len(found.paths), args.held_out, args.seed)
-    if args.held_out <= 0:
-        train_idx, held_idx = list(range(len(found.paths))), []
-    wanted = recipes.RECIPES[args.recipe]
-    backbone = perceptual.find_backbone_file(wanted.lpips_net) if wanted.uses_lpips else None
-    recipe, note = recipes.resolve_recipe(args.recipe, backbone is not None)
-    if args.lr > 0:
-        recipe = finetune.recipe_with(recipe, lr=args.lr)
+    train_idx, held_idx = data.split_or_all(len(found.paths), args.held_out, args.seed)
     config = finetune.FinetuneConfig(batch_size=args.batch_size, crop_size=args.crop_size, seed=args.seed,
                                      eval_every=args.checkpoint_interval,
                                      gradient_checkpointing=args.gradient_checkpointing)
-    spec = jobs.JobSpec(recipe=recipe.as_dict(), config=asdict(config), total_steps=args.steps,
-                        checkpoint_interval=args.checkpoint_interval,
-                        train_images=[found.paths[i] for i in train_idx], held_out_images=[found.paths[i] for i in held_idx],
-                        family=family, latent_scale=scale, latent_shift=shift, threads=args.threads, lpips_backbone=backbone if recipe.uses_lpips else None)
+    spec, note = jobs.new_spec(args.recipe, args.lr, config, args.steps, args.checkpoint_interval,
+                               [found.paths[i] for i in train_idx], [found.paths[i] for i in held_idx], family, scale,
+                               shift, args.threads)
     os.makedirs(args.root, exist_ok=True)
     try:
         folder = jobs.create_job(args.root, args.name, tensors, spec)
     except jobs.JobError as exc:
         p.error(str(exc))
     print(f"made {folder}: {source} ({family}), {len(train_idx)} training / {len(held_idx)} held-out images"
-          + (f" ({found.skipped.summary()})" if found.skipped.count else "") + f", {recipe.name}, {args.steps} steps")
+          + (f" ({found.skipped.summary()})" if found.skipped.count else "") + f", {spec.recipe['name']}, {args.steps} steps")
     if note:
         print("note:", note)
     script = os.path.join(ROOT, "tools", "run_job.py")

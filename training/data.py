@@ -280,6 +280,13 @@ class CropSampler:
         return to_tensor(crops)
 
 
+def split_or_all(count: int, held_out_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """:func:`split_held_out`, except that a fraction of 0 trains on everything and holds nothing out."""
+    if held_out_fraction <= 0:
+        return list(range(count)), []
+    return split_held_out(count, held_out_fraction, seed)
+
+
 def split_held_out(count: int, held_out_fraction: float, seed: int) -> tuple[list[int], list[int]]:
     """Deterministic (train, held_out) index split; at least one of each when there are >= 2 images."""
     order = np.random.default_rng([seed, 0x5EED]).permutation(count).tolist()

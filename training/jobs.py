@@ -130,6 +130,26 @@ class JobSpec:
     version: int = JOB_VERSION
 
 
+def new_spec(recipe_name: str, learning_rate: float, config: finetune.FinetuneConfig, total_steps: int,
+             checkpoint_interval: int, train_images: list[str], held_out_images: list[str], family: str,
+             latent_scale: float = 1.0, latent_shift: float = 0.0, threads: int = 0) -> tuple[JobSpec, str | None]:
+    """(spec, note) for a new job: the named recipe (its no-LPIPS fallback, with a note, when the LPIPS weights are not
+    found now; the backbone file found is recorded so the worker uses the same one), ``learning_rate`` > 0 overriding
+    the recipe's. What Start Finetune Job and tools/make_job.py both make."""
+    from .perceptual import find_backbone_file
+
+    wanted = recipes.RECIPES[recipe_name]
+    backbone = find_backbone_file(wanted.lpips_net) if wanted.uses_lpips else None
+    recipe, note = recipes.resolve_recipe(recipe_name, backbone is not None)
+    if learning_rate > 0:
+        recipe = finetune.recipe_with(recipe, lr=learning_rate)
+    spec = JobSpec(recipe=recipe.as_dict(), config=asdict(config), total_steps=total_steps,
+                   checkpoint_interval=checkpoint_interval, train_images=list(train_images),
+                   held_out_images=list(held_out_images), family=family, latent_scale=latent_scale,
+                   latent_shift=latent_shift, threads=threads, lpips_backbone=backbone if recipe.uses_lpips else None)
+    return spec, note
+
+
 def create_job(root: str, name: str, base_tensors: dict[str, torch.Tensor], spec: JobSpec,
                train_arrays: list | None = None, held_out_arrays: list | None = None,
                initial_state: dict | None = None) -> str:
@@ -210,6 +230,23 @@ def checkpoint_paths(folder: str) -> list[str]:
     return [os.path.join(directory, n) for n in sorted(names, reverse=True)]
 
 
+def checkpoint_path(folder: str, step: int) -> str:
+    return os.path.join(folder, "checkpoints", f"step_{step:08d}.pt")
+
+
+def checkpoint_step(path: str) -> int:
+    return int(CHECKPOINT.match(os.path.basename(path)).group(1))
+
+
+def checkpoint_at(folder: str, step: int) -> dict:
+    """The checkpoint of ``step``; a JobError names the steps kept when there is none (or it does not load)."""
+    path = checkpoint_path(folder, step)
+    if not os.path.isfile(path):
+        kept = [checkpoint_step(p) for p in checkpoint_paths(folder)]
+        raise JobError(f"{os.path.basename(folder)} has no checkpoint of step {step}; it keeps steps {kept} (0 = the newest)")
+    return load_checkpoint(path)
+
+
 def load_checkpoint(path: str) -> dict:
     """A checkpoint's state, checked: it loads with weights_only, has the trainer's format, and its step is
     the one in its name. Raises JobError otherwise."""
@@ -217,7 +254,7 @@ def load_checkpoint(path: str) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torn/truncated zip, unpickling errors: all mean "not usable"
         raise JobError(f"{os.path.basename(path)}: unreadable ({type(exc).__name__}: {str(exc)[:120]})") from exc
-    expected = int(CHECKPOINT.match(os.path.basename(path)).group(1))
+    expected = checkpoint_step(path)
     if not isinstance(state, dict) or state.get("format") != finetune.STATE_FORMAT or state.get("step") != expected:
         raise JobError(f"{os.path.basename(path)}: not a training state for step {expected}")
     return state
@@ -239,7 +276,7 @@ def save_checkpoint(folder: str, state: dict, keep_last: int, fault=lambda phase
     bad = [k for k, v in state["decoder"].items() if not torch.isfinite(v).all()]
     if bad:
         raise JobError(f"refusing to checkpoint non-finite weights ({bad[:3]})")
-    path = os.path.join(folder, "checkpoints", f"step_{state['step']:08d}.pt")
+    path = checkpoint_path(folder, state["step"])
     temporary = f"{path}.{os.getpid()}.tmp"
     with open(temporary, "wb") as f:
         torch.save(state, f)
@@ -297,7 +334,7 @@ def job_summary(folder: str) -> dict:
         "eta_seconds": status.get("eta_seconds") if state == "running" else None, "message": status.get("message", ""),
         "device": status.get("device"), "updated": status.get("updated"),
         "recipe": (spec.get("recipe") or {}).get("name"), "family": spec.get("family"),
-        "checkpoint_step": int(CHECKPOINT.match(os.path.basename(checkpoints[0])).group(1)) if checkpoints else None,
+        "checkpoint_step": checkpoint_step(checkpoints[0]) if checkpoints else None,
         "preview": preview, "actions": actions_for(state),
     }
 
@@ -468,7 +505,7 @@ class Worker:
         step = self.collective.broadcast(state["step"] if state else None)
         if self.main or step is None:
             return state
-        return load_checkpoint(os.path.join(self.folder, "checkpoints", f"step_{step:08d}.pt"))
+        return load_checkpoint(checkpoint_path(self.folder, step))
 
     def _save(self, run: finetune.DecoderFinetune) -> None:
         """A checkpoint with every rank's RNG state, written by rank 0 (all ranks take part in the gather)."""
