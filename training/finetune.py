@@ -292,7 +292,10 @@ class DecoderFinetune:
     def run(self, steps: int, on_step: Callable[[dict], None] | None = None,
             should_stop: Callable[[], bool] | None = None) -> None:
         """Train ``steps`` more steps (held-out evaluation every ``eval_every`` and at the end)."""
-        self.model.train()
+        # eval mode throughout: the decoders have no mode-dependent layers, and the one model that has them (stage
+        # A's encoder BatchNorm) is frozen — in train mode the cache's lazy encodes would use batch statistics
+        # and overwrite its running ones
+        self.model.eval()
         end = self.step + steps
         while self.step < end:
             if should_stop is not None and should_stop():
@@ -322,7 +325,6 @@ class DecoderFinetune:
             if saved is not None:
                 for k, p in self.params.items():
                     p.copy_(saved[k])
-            self.model.train()
         return torch.cat(outs)
 
     def evaluate(self, use_ema: bool = True, label: str = "ema") -> dict:
