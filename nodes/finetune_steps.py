@@ -120,7 +120,8 @@ class DecoderFinetuneSteps(io.ComfyNode):
                                         "and counted). 'bundled' = VAE Lab's sample photos. Used when images is not connected."),
                 io.Combo.Input("recipe", options=list(recipes.RECIPES), default=recipes.DEFAULT_RECIPE,
                                tooltip="furception: Oklab + LPIPS-VGG + PatchGAN + EMA (falls back to furception-nolpips, "
-                                       "and says so, when the LPIPS weights are missing). ft-mse / ft-ema: Stability's "
+                                       "and says so, when the LPIPS weights are missing; it keeps sharpness with a fine-band blur inside the "
+                                       "pixel loss instead). ft-mse / ft-ema: Stability's "
                                        "recipes (need LPIPS weights). See the README."),
                 io.Int.Input("steps", default=200, min=1, max=1_000_000,
                              tooltip="Optimiser steps in this node. On a GPU, thousands; on a CPU, ~3 s per step for TAEF2 at "

@@ -88,10 +88,15 @@ def delta_e(output01: torch.Tensor, reference01: torch.Tensor) -> torch.Tensor:
 _BINOMIAL_5 = (1 / 16, 4 / 16, 6 / 16, 4 / 16, 1 / 16)
 
 
-def high_frequency_energy(images: torch.Tensor) -> torch.Tensor:
-    """E[(x - Bx)^2] per image, B the separable [1,4,6,4,1]/16 blur with reflect padding."""
+def binomial_blur(images: torch.Tensor) -> torch.Tensor:
+    """B x: the separable [1,4,6,4,1]/16 blur with reflect padding over the last two axes (same shape)."""
     taps = torch.tensor(_BINOMIAL_5, device=images.device, dtype=images.dtype)
-    return (images - _separable_filter(images, taps, padding_mode="reflect")).pow(2).flatten(1).mean(1)
+    return _separable_filter(images, taps, padding_mode="reflect")
+
+
+def high_frequency_energy(images: torch.Tensor) -> torch.Tensor:
+    """E[(x - Bx)^2] per image, B = :func:`binomial_blur`."""
+    return (images - binomial_blur(images)).pow(2).flatten(1).mean(1)
 
 
 def detail_ratio(output01: torch.Tensor, reference01: torch.Tensor) -> torch.Tensor:

@@ -28,6 +28,7 @@ class Recipe:
     mse_scale: float = 0.01  # Oklab error at which MAE and MSE are equal (see training.losses)
     lpips_weight: float = 0.0
     lpips_net: str = "vgg"
+    pixel_blur: float = 0.0  # the pixel loss sees (1 - c)·out + c·B·out: the decoder learns to pre-sharpen (finetune.pixel_loss)
     detail_weight: float = 0.0  # keeps high-frequency energy where it was (see finetune.detail_loss)
     detail_reference: str = "base"  # "base": the decoder's own output before training; "target": the training crop
     detail_target: float = 1.0  # the energy aimed at, as a share of the reference (< 1 trades sharpness for PSNR)
@@ -46,9 +47,16 @@ class Recipe:
     beta1: float = 0.5
     beta2: float = 0.9
     weight_decay: float = 0.0
+    base_decay: float = 0.0  # decoupled decay toward the weights the run started from (L2-SP): p -= lr * this * (p - p_start)
     grad_clip: float = 1.0
     ema_decay: float = 0.999  # at ``ema_batch`` images per step; rescaled to the real batch size
     ema_batch: int = 32
+
+    def __post_init__(self):
+        if not 0.0 <= self.pixel_blur < 1.0:
+            raise ValueError(f"pixel_blur must be in [0, 1) (0 = off; 0.3 in furception-nolpips), got {self.pixel_blur}")
+        if not self.base_decay >= 0.0:
+            raise ValueError(f"base_decay must be 0 (off) or positive (300 in furception-nolpips), got {self.base_decay}")
 
     @property
     def uses_lpips(self) -> bool:
@@ -68,10 +76,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     ),
     Recipe(
         "furception-nolpips",
-        "Furception without LPIPS (needs no downloaded weights): Oklab MAE→MSE mix, LayerNorm PatchGAN "
-        "(Wasserstein + gradient penalty, adaptive weight 0.5), detail-energy term, EMA",
+        "Furception without LPIPS (needs no downloaded weights): Oklab MAE→MSE mix seen through a fixed "
+        "fine-band blur (keeps detail without LPIPS), LayerNorm PatchGAN (Wasserstein + gradient penalty, "
+        "adaptive weight 0.5), decay toward the starting weights, EMA",
         pixel_space="oklab", mse_mix_start=0.1, mse_mix_end=0.4, mse_mix_steps=2000,
-        gan_weight=0.5, detail_weight=0.3,
+        gan_weight=0.5, pixel_blur=0.3, base_decay=300.0,
     ),
     Recipe(
         "ft-mse",
