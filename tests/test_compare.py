@@ -83,6 +83,22 @@ def test_pictures_have_the_promised_layout(taef2_and_crops):
     assert spread.max() > spread.mean()
 
 
+def test_captions_spell_out_what_the_built_in_font_cannot_draw():
+    from PIL import Image, ImageDraw, ImageFont
+
+    from training import visualize
+
+    assert visualize.drawable("ΔE → modèle² × ±") == "dE -> modele2 x ±"
+    font = ImageFont.load_default()
+    missing = bytes(font.getmask("\ue000"))  # the font's empty box
+    assert all(bytes(font.getmask(c)) != missing for c in visualize.drawable("ΔE Žluťoučký kůň, Ωmega, 東京 →") if c != " ")
+    blank = torch.zeros(3, 4, 120)
+    drawn = Image.new("RGB", (120, 18), (24, 24, 24))
+    ImageDraw.Draw(drawn).text((4, 3), "dE finetuned", fill=(235, 235, 235))
+    expected = torch.from_numpy(np.asarray(drawn, dtype=np.float32) / 255).permute(2, 0, 1)
+    assert torch.equal(visualize.label(blank, "ΔE finetuned")[:, :18], expected)
+
+
 def test_crop_to_multiple_matches_comfyui_centre_crop():
     images = torch.arange(2 * 3 * 21 * 35, dtype=torch.float32).reshape(2, 3, 21, 35)
     cropped = compare.crop_to_multiple(images, 8)

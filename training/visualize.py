@@ -44,13 +44,27 @@ def grid(rows: list[list[torch.Tensor]], gap: int = 4) -> torch.Tensor:
     return canvas
 
 
+# Pillow's built-in font draws ASCII (and a few Latin-1 signs); everything else would be an empty box
+_SPELLED = {"Δ": "d", "→": "->", "←": "<-", "²": "2", "×": "x", "≥": ">=", "≤": "<=", "–": "-", "—": "-", "μ": "u",
+            "ß": "ss", "’": "'", "“": '"', "”": '"'}
+
+
+def drawable(text: str) -> str:
+    """``text`` as the built-in font can draw it: symbols spelled out (ΔE -> dE), accents dropped (è -> e), anything
+    else '?'."""
+    import unicodedata
+
+    text = unicodedata.normalize("NFKD", "".join(_SPELLED.get(c, c) for c in text))
+    return "".join(c if ord(c) < 128 or c in "±·…" else "" if unicodedata.combining(c) else "?" for c in text)
+
+
 def label(image: torch.Tensor, text: str, height: int = 18) -> torch.Tensor:
     """(3, H, W) with a dark caption strip of ``text`` on top (Pillow's built-in font)."""
     import numpy as np
     from PIL import Image, ImageDraw
 
     strip = Image.new("RGB", (image.shape[2], height), (24, 24, 24))
-    ImageDraw.Draw(strip).text((4, 3), text, fill=(235, 235, 235))
+    ImageDraw.Draw(strip).text((4, 3), drawable(text), fill=(235, 235, 235))
     caption = torch.from_numpy(np.asarray(strip, dtype=np.float32) / 255).permute(2, 0, 1)
     return torch.cat([caption, image.clamp(0, 1).cpu()], dim=1)
 
