@@ -56,7 +56,7 @@ class Recipe:
         if not 0.0 <= self.pixel_blur < 1.0:
             raise ValueError(f"pixel_blur must be in [0, 1) (0 = off; 0.3 in furception-nolpips), got {self.pixel_blur}")
         if not self.base_decay >= 0.0:
-            raise ValueError(f"base_decay must be 0 (off) or positive (300 in furception-nolpips), got {self.base_decay}")
+            raise ValueError(f"base_decay must be 0 (off) or positive (3000 in furception-nolpips), got {self.base_decay}")
 
     @property
     def uses_lpips(self) -> bool:
@@ -80,7 +80,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
         "fine-band blur (keeps detail without LPIPS), LayerNorm PatchGAN (Wasserstein + gradient penalty, "
         "adaptive weight 0.5), decay toward the starting weights, EMA",
         pixel_space="oklab", mse_mix_start=0.1, mse_mix_end=0.4, mse_mix_steps=2000,
-        gan_weight=0.5, pixel_blur=0.3, base_decay=300.0,
+        gan_weight=0.5, pixel_blur=0.3, base_decay=3000.0,
     ),
     Recipe(
         "ft-mse",
