@@ -128,7 +128,7 @@ def test_decode_statistics_see_clipping_detail_and_colour():
 
 
 def trained_decoder(seed: int) -> dict[str, torch.Tensor]:
-    run = run_of(taef2_model(), steps=2, seed=seed, crop=32, lr=1e-3, warmup_steps=0)
+    run = run_of(taef2_model(), steps=2, seed=seed, crop=32, lr=1e-3, warmup_steps=0, base_decay=0.0)  # two decoders that really differ
     return run.decoder_tensors(use_ema=False)
 
 
@@ -175,7 +175,7 @@ def test_posthoc_ema_reproduces_a_directly_tracked_power_ema():
     of the two saved) by its textbook update; the reconstruction from snapshots must land close to it."""
     model = taef2_model()
     config = finetune.FinetuneConfig(batch_size=1, crop_size=32, crops_per_image=4, posthoc_ema=True, posthoc_snapshots=16)
-    recipe = finetune.recipe_with(recipes.RECIPES["furception-nolpips"], lr=3e-4, warmup_steps=0)
+    recipe = finetune.recipe_with(recipes.RECIPES["furception-nolpips"], lr=3e-4, warmup_steps=0, base_decay=0.0)  # no pull: the EMAs must spread
     gamma = finetune.sigma_rel_to_gamma(0.08)
     steps = 96
     with LatentCache(photos(), 32, 4, 0, model.encode) as cache:
