@@ -3,6 +3,7 @@
 base and finetuned (EMA) decoders are measured on held-out images never trained on. One table.
 
     .venv/bin/python bench/efficacy.py [--minutes 10] [--recipes furception-nolpips,ft-mse] [--set lr=1e-5]
+    .venv/bin/python bench/efficacy.py --train-dir MY_IMAGES --held-out-dir OTHER_IMAGES   # on your own images
 
 The held-out images are from other domains than the training photos (by default: train on the bundled
 photographs, hold out the telescope, microscope and retina images). Evaluation view: Lanczos short side
@@ -35,12 +36,27 @@ def parse_value(text: str):
     return {"true": True, "false": False}.get(text.lower(), text)
 
 
-def run(recipe_name: str, minutes: float, args, overrides: dict) -> dict:
+def images_of(args) -> tuple[list, list, list[str]]:
+    """(training images, held-out images, held-out names): two folders of the user's, or the bundled set split."""
+    if args.train_dir or args.held_out_dir:
+        if not (args.train_dir and args.held_out_dir):
+            raise SystemExit("--train-dir and --held-out-dir go together: one folder to train on, one never trained on")
+        train = data.ImageFolder(args.train_dir, min_side=args.crop)
+        held = data.ImageFolder(args.held_out_dir)
+        for folder in (train, held):
+            if folder.skipped.count:
+                print(f"{folder.folder}: {folder.skipped.summary()}", flush=True)
+        return ([train.image(i) for i in range(len(train))], [held.image(i) for i in range(len(held))],
+                [os.path.basename(p) for p in held.paths])
     images_dir = os.path.join(ROOT, "assets", "images")
     held_names = args.held_out.split(",")
     train_names = [n for n in sorted(os.listdir(images_dir)) if not n.endswith(".md") and n not in held_names]
-    train = [data.load_image01(os.path.join(images_dir, n)) for n in train_names]
-    held = [data.load_image01(os.path.join(images_dir, n)) for n in held_names]
+    return ([data.load_image01(os.path.join(images_dir, n)) for n in train_names],
+            [data.load_image01(os.path.join(images_dir, n)) for n in held_names], held_names)
+
+
+def run(recipe_name: str, minutes: float, args, overrides: dict) -> dict:
+    train, held, held_names = images_of(args)
     weights = os.path.join(ROOT, "assets", "taef2")
     model = taesd.load_tiny_autoencoder(os.path.join(weights, "taef2_encoder.pth"), os.path.join(weights, "taef2_decoder.pth"))
     model.eval()
@@ -85,6 +101,8 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="override a recipe field, e.g. --set lr=1e-5")
     parser.add_argument("--held-out", default=",".join(HELD_OUT),
                         help="bundled images held out (comma-separated); the others are trained on")
+    parser.add_argument("--train-dir", help="train on the images in this folder instead of the bundled ones ...")
+    parser.add_argument("--held-out-dir", help="... and evaluate on the images in this one (never trained on)")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (printed with --verbose)")
     args = parser.parse_args()
@@ -103,8 +121,9 @@ def main() -> None:
         except ValueError as exc:  # e.g. an LPIPS recipe without LPIPS weights
             rows.append({"recipe": name, "error": str(exc)})
         print(f"done {name}", flush=True)
-    print(f"\nTAEF2 decoder, {args.minutes:g} min per recipe, batch {args.batch} at {args.crop}², {args.threads} threads; "
-          f"held out: {args.held_out} (Lanczos 256 short side, centre 256²)")
+    budget = f"{args.steps} steps" if args.steps else f"{args.minutes:g} min"
+    print(f"\nTAEF2 decoder, {budget} per recipe, batch {args.batch} at {args.crop}², {args.threads} threads; "
+          f"held out: {args.held_out_dir or args.held_out} (Lanczos 256 short side, centre 256²)")
     if overrides:
         print("overrides: " + ", ".join(f"{k}={v}" for k, v in overrides.items()))
     print("| recipe | steps | PSNR base → tuned (Δ) | Oklab ΔE base → tuned (Δ %) | detail ratio base → tuned | SSIM base → tuned |")

@@ -2,15 +2,16 @@
 
 One loop, read top to bottom in ``DecoderFinetune.train_step``: decode cached latents, reconstruction loss
 (Oklab or RGB, MAE<->MSE mix on a schedule, seen through an optional fine-band blur; optional LPIPS and
-detail-energy terms), the PatchGAN critic's verdict weighted adaptively, an AdamW step with warm-up and clipping, EMA; then one critic step. Every
-schedule and every batch is a function of the global step, so a run split into pieces (a
-``TrainingState`` handed from one call to the next) gives the same weights as one run.
+detail-energy terms), the PatchGAN critic's verdict weighted adaptively, an AdamW step with warm-up and
+clipping, the optional pull toward the starting weights, EMA; then one critic step. Every schedule and every
+batch is a function of the global step, so a run split into pieces (a ``TrainingState`` handed from one call
+to the next) gives the same weights as one run.
 
 Models are this pack's own (``training.klf8.KlAutoencoder``, ``training.taesd.TinyAutoencoder``,
 ``training.stage_a.StageAAutoencoder``); what is trained is the decoding half only
 (``layouts.is_decoder_key``: the decoder, plus ``post_quant_conv`` for SD/SDXL; ``up_blocks`` +
-``out_block`` for Stable Cascade stage A). Images are in [0, 1]; the losses see the output clamped to [0, 1], as a user sees it, so the
-pretrained decoder's harmless overshoot is not "corrected" into lifted blacks.
+``out_block`` for Stable Cascade stage A). Images are in [0, 1]; the losses see the output clamped to
+[0, 1], as a user sees it, so the pretrained decoder's harmless overshoot is not "corrected" into lifted blacks.
 """
 from __future__ import annotations
 
