@@ -3,7 +3,7 @@
 base and finetuned (EMA) decoders are measured on held-out images never trained on. One table.
 
     .venv/bin/python bench/efficacy.py [--minutes 10] [--recipes furception-nolpips,ft-mse] [--set lr=1e-5]
-    .venv/bin/python bench/efficacy.py --train-dir MY_IMAGES --held-out-dir OTHER_IMAGES   # on your own images
+    .venv/bin/python bench/efficacy.py --train-dir MY_IMAGES --held-out-dir OTHER_IMAGES --per-image  # yours
 
 The held-out images are from other domains than the training photos (by default: train on the bundled
 photographs, hold out the telescope, microscope and retina images). Evaluation view: Lanczos short side
@@ -22,7 +22,7 @@ sys.path.insert(0, ROOT)
 
 import torch
 
-from training import data, finetune, perceptual, recipes, taesd
+from training import data, finetune, metrics, perceptual, recipes, taesd
 
 HELD_OUT = ["hubble_deep_field.jpg", "ihc.png", "retina.jpg"]
 
@@ -68,6 +68,7 @@ def run(recipe_name: str, minutes: float, args, overrides: dict) -> dict:
     held_out = finetune.encode_held_out(held, held_names, model.encode, 256)
     with finetune.LatentCache(train, config.crop_size, config.crops_per_image, config.seed, model.encode) as cache:
         run_ = finetune.DecoderFinetune(model, recipe, config, cache, held_out, lpips if recipe.uses_lpips else None)
+        base_images = per_image(run_, use_ema=False) if args.per_image else None
         start = time.perf_counter()
         while (run_.step < args.steps) if args.steps else (time.perf_counter() - start < minutes * 60):
             run_.train_step()
@@ -83,8 +84,23 @@ def run(recipe_name: str, minutes: float, args, overrides: dict) -> dict:
     if args.verbose:
         for e in run_.evaluations:
             print(f"  eval step {e['step']}: PSNR {e['psnr']:.2f} ΔE {e['delta_e']:.4f} detail {e['detail_ratio']:.3f}")
+    if args.per_image:
+        tuned_images = per_image(run_, use_ema=True)
+        print(f"\n{recipe.name}, {run_.step} steps, per held-out image:\n"
+              "| image | PSNR base → tuned (Δ) | Oklab ΔE base → tuned (Δ %) | detail ratio base → tuned |\n|---|---|---|---|")
+        for i, name in enumerate(held_out.names):
+            b, t = ({k: float(v[i]) for k, v in m.items()} for m in (base_images, tuned_images))
+            print(f"| {name} | {b['psnr']:.2f} → {t['psnr']:.2f} ({t['psnr'] - b['psnr']:+.2f} dB) | {b['delta_e']:.4f} → "
+                  f"{t['delta_e']:.4f} ({(t['delta_e'] / b['delta_e'] - 1) * 100:+.1f} %) | "
+                  f"{b['detail_ratio']:.3f} → {t['detail_ratio']:.3f} |", flush=True)
     return {"recipe": recipe.name, "note": note, "steps": run_.step, "seconds": elapsed,
             "base": run_.base_evaluation, "tuned": run_.evaluations[-1]}
+
+
+def per_image(run_: finetune.DecoderFinetune, use_ema: bool) -> dict:
+    """Held-out metrics per image (PSNR, Oklab ΔE, detail ratio...) of the current or EMA decoder."""
+    out = run_.decode_with(run_.held_out.latents, use_ema)
+    return metrics.reconstruction_metrics(out, run_.held_out.images01)
 
 
 def main() -> None:
@@ -103,6 +119,7 @@ def main() -> None:
                         help="bundled images held out (comma-separated); the others are trained on")
     parser.add_argument("--train-dir", help="train on the images in this folder instead of the bundled ones ...")
     parser.add_argument("--held-out-dir", help="... and evaluate on the images in this one (never trained on)")
+    parser.add_argument("--per-image", action="store_true", help="also print base vs finetuned for each held-out image")
     parser.add_argument("--verbose", action="store_true")
     parser.add_argument("--eval-every", type=int, default=0, help="held-out evaluation every N steps (printed with --verbose)")
     args = parser.parse_args()
