@@ -55,8 +55,8 @@ def images_of(args) -> tuple[list, list, list[str]]:
             [data.load_image01(os.path.join(images_dir, n)) for n in held_names], held_names)
 
 
-def run(recipe_name: str, minutes: float, args, overrides: dict) -> dict:
-    train, held, held_names = images_of(args)
+def run(recipe_name: str, minutes: float, args, overrides: dict, images: tuple) -> dict:
+    train, held, held_names = images
     weights = os.path.join(ROOT, "assets", "taef2")
     model = taesd.load_tiny_autoencoder(os.path.join(weights, "taef2_encoder.pth"), os.path.join(weights, "taef2_decoder.pth"))
     model.eval()
@@ -125,6 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     overrides = {k: parse_value(v) for k, v in (item.split("=", 1) for item in args.set)}
+    images = images_of(args)
     rows = []
     for name in args.recipes.split(","):
         resolved = recipes.RECIPES.get(name)
@@ -134,7 +135,7 @@ def main() -> None:
             rows.append({"recipe": name, "error": f"no LPIPS weights: runs as {fallback} (its row)"})
             continue
         try:
-            rows.append(run(name, args.minutes, args, overrides))
+            rows.append(run(name, args.minutes, args, overrides, images))
         except ValueError as exc:  # e.g. an LPIPS recipe without LPIPS weights
             rows.append({"recipe": name, "error": str(exc)})
         print(f"done {name}", flush=True)
