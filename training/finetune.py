@@ -386,12 +386,12 @@ class DecoderFinetune:
             "data_fingerprint": self.cache.fingerprint, "reference_energy": dict(self.cache.reference_energy),
         }
         if self.critic is not None:
-            state["critic"] = {k: v.detach().cpu().clone() for k, v in self.critic.state_dict().items()}
+            state["critic"] = self.critic.state_dict()
             state["critic_optimizer"] = self.critic_optimizer.state_dict()
         if self.posthoc is not None:
             state["posthoc"] = self.posthoc.state_dict()
         if self.anchor is not None:
-            state["anchor"] = {k: v.detach().float().cpu().clone() for k, v in self.anchor.items()}
+            state["anchor"] = {k: v.float() for k, v in self.anchor.items()}  # _cpu_copy makes the copy
         return _cpu_copy(state)
 
     def load_state(self, state: dict) -> None:
