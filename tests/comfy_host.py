@@ -1,9 +1,11 @@
-"""Host tier: a real ComfyUI server on CPU, booted from ``$COMFYUI_DIR`` with this pack linked in.
+"""Host tier: real ComfyUI servers on CPU, one per host ``tools/hosts.sh`` found (``$COMFYUI_DIR``, the ComfyUI the
+pack is installed in, or both releases in ``../shared/comfyui`` set up once), with this pack linked in.
 
-Nothing here imports ComfyUI: the server runs in its own process with its own Python (``$COMFYUI_PYTHON``,
-else ``$COMFYUI_DIR/venv/bin/python`` or ``.venv``), on a free loopback port, with a temporary base
-directory (custom_nodes/, models/, input/, output/, temp/, user/) so a developer's install stays clean.
+Nothing here imports ComfyUI: the server runs in its own process with the host's own Python, on a free loopback
+port, with a temporary base directory (custom_nodes/, models/, input/, output/, temp/, user/) so a developer's
+install stays clean.
 """
+
 from __future__ import annotations
 
 import json
@@ -16,18 +18,41 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACK_NAME = "vae_lab"
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
-def comfyui_dir() -> str | None:
-    path = os.environ.get("COMFYUI_DIR")
-    return path if path and os.path.isfile(os.path.join(path, "main.py")) else None
+@dataclass(frozen=True)
+class Host:
+    """One real ComfyUI: its release (``comfyui_version.py``), folder and Python."""
+
+    release: str
+    dir: str
+    python: str
+
+    def at_least(self, release: str) -> bool:
+        return release_tuple(self.release) >= release_tuple(release)
 
 
-def comfyui_python(comfy_dir: str) -> str:
+def release_tuple(release: str) -> tuple[int, ...]:
+    return tuple(int(part) if part.isdigit() else 0 for part in release.split("."))
+
+
+def _release_of(comfy_dir: str) -> str:
+    try:
+        with open(os.path.join(comfy_dir, "comfyui_version.py")) as f:
+            for line in f:
+                if line.startswith("__version__"):
+                    return line.split("=", 1)[1].strip().strip("\"'")
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _python_of(comfy_dir: str) -> str:
     if os.environ.get("COMFYUI_PYTHON"):
         return os.environ["COMFYUI_PYTHON"]
     for venv in ("venv", ".venv"):
@@ -37,6 +62,26 @@ def comfyui_python(comfy_dir: str) -> str:
     raise RuntimeError(f"no Python for ComfyUI: set COMFYUI_PYTHON or create {comfy_dir}/venv")
 
 
+def hosts() -> list[Host]:
+    """The hosts ``tools/test.sh`` found (``VAE_LAB_HOSTS``: lines of release, folder, Python separated by tabs, as
+    ``tools/hosts.sh`` prints them); without it, ``COMFYUI_DIR`` alone (pytest run by hand)."""
+    listed = os.environ.get("VAE_LAB_HOSTS")
+    if listed is not None:
+        found = []
+        for line in listed.splitlines():
+            if line.strip():
+                release, folder, python = line.split("\t")
+                found.append(Host(release, folder, python))
+        return found
+    path = os.environ.get("COMFYUI_DIR")
+    if path and os.path.isfile(os.path.join(path, "main.py")):
+        return [Host(_release_of(path), path, _python_of(path))]
+    return []
+
+
+HOSTS = hosts()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -44,10 +89,12 @@ def _free_port() -> int:
 
 
 class ComfyServer:
-    def __init__(self, comfy_dir: str, base: str | None = None):
+    def __init__(self, host: Host, base: str | None = None):
         """A server on a fresh base directory, or on ``base`` (one a stopped server left with ``stop(remove=False)``:
         ComfyUI restarted on the same folders)."""
-        self.comfy_dir = comfy_dir
+        self.host = host
+        self.release = host.release
+        comfy_dir = self.comfy_dir = host.dir
         self.base = base or tempfile.mkdtemp(prefix="vae_lab_host_")
         if base is None:
             for sub in ("custom_nodes", "models", "input", "output", "temp", "user"):
@@ -62,9 +109,22 @@ class ComfyServer:
         self._log = open(self.log_path, "a")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.process = subprocess.Popen(
-            [comfyui_python(comfy_dir), "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-             "--disable-auto-launch", "--base-directory", self.base],
-            cwd=comfy_dir, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+            [
+                host.python,
+                "main.py",
+                "--cpu",
+                "--listen",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--disable-auto-launch",
+                "--base-directory",
+                self.base,
+            ],
+            cwd=comfy_dir,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
 
     def log(self) -> str:
@@ -89,7 +149,9 @@ class ComfyServer:
         return json.loads(body) if body[:1] in (b"{", b"[") else body
 
     def post(self, path: str, payload):
-        request = urllib.request.Request(self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            self.url + path, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as r:
                 body = r.read()
@@ -160,15 +222,26 @@ def ui_to_api(workflow: dict, object_info: dict) -> dict:
     return prompt
 
 
-def cascade_files() -> dict[str, str]:
+def run_host_script(host: Host, name: str, *args: str, timeout: float = 900) -> subprocess.CompletedProcess:
+    """Runs ``tests/host_scripts/<name>`` with the host's own Python, in its folder, with its folder as first
+    argument."""
+    script = os.path.join(ROOT, "tests", "host_scripts", name)
+    return subprocess.run(
+        [host.python, script, host.dir, *args],
+        cwd=host.dir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def cascade_files(host: Host) -> dict[str, str]:
     """Random-weight Stable Cascade files (stage-B-lite checkpoint with stage A, stage A, effnet), made once per
-    machine by ComfyUI's own Python (tests/host_scripts/cascade_files.py) under ``$VAE_LAB_TEST_CACHE`` (default
-    ~/.cache/vae_lab_tests; 1.6 GB). Name -> path."""
-    comfy = comfyui_dir()
+    machine and release by that ComfyUI's own Python (tests/host_scripts/cascade_files.py) under
+    ``$VAE_LAB_TEST_CACHE/<release>`` (default ~/.cache/vae_lab_tests; 1.6 GB each). Name -> path."""
     cache = os.environ.get("VAE_LAB_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vae_lab_tests"))
-    script = os.path.join(ROOT, "tests", "host_scripts", "cascade_files.py")
-    result = subprocess.run([comfyui_python(comfy), script, comfy, cache], cwd=comfy, capture_output=True, text=True,
-                            timeout=900, check=False)
+    result = run_host_script(host, "cascade_files.py", os.path.join(cache, host.release))
     if result.returncode != 0:
         raise RuntimeError(f"cascade_files.py failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,4 +1,5 @@
-"""Host tier: the pack inside a real ComfyUI (CPU). Skipped unless COMFYUI_DIR names a ComfyUI checkout."""
+"""Host tier: the pack inside a real ComfyUI (CPU), on every release tools/hosts.sh found."""
+
 from __future__ import annotations
 
 import glob
@@ -8,11 +9,9 @@ import os
 import colour
 import numpy as np
 import pytest
-from comfy_host import PACK_NAME, ROOT, cascade_files, comfyui_dir, ui_to_api
+from comfy_host import PACK_NAME, ROOT, cascade_files, ui_to_api
 from PIL import Image
 from test_pack import node_schemas
-
-pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason="host tier: set COMFYUI_DIR to a ComfyUI checkout with a venv")
 
 WORKFLOWS = sorted(glob.glob(os.path.join(ROOT, "example_workflows", "*.json")))
 
@@ -53,7 +52,9 @@ def test_every_example_workflow_is_listed(server):
 
 def _example_and_palette_image(base, colors):
     """What LoadImage + ImageQuantize(colors, none) produce, recomputed with Pillow as the core node does."""
-    original = np.asarray(Image.open(os.path.join(base, "input", "example.png")).convert("RGB"), dtype=np.float32) / 255.0
+    original = (
+        np.asarray(Image.open(os.path.join(base, "input", "example.png")).convert("RGB"), dtype=np.float32) / 255.0
+    )
     as_bytes = (original * 255).astype(np.uint8)  # torch's float->uint8 truncates, as numpy does
     image = Image.fromarray(as_bytes, mode="RGB")
     quantized = image.quantize(palette=image.quantize(colors=colors), dither=Image.Dither.NONE)
@@ -105,15 +106,21 @@ def check_load_tiny_autoencoder_taef2(entry, prompt, server):
     values = entry["outputs"][loader]["vae_lab"][0]
     assert values["variant"] == "taef2" and values["midblock_groupnorm"] and values["latent_channels"] == 32
     assert "running VAE Lab's module" in values["built"][-1]
-    original = np.asarray(Image.open(os.path.join(server.base, "input", "example.png")).convert("RGB"), dtype=np.float32) / 255
+    original = (
+        np.asarray(Image.open(os.path.join(server.base, "input", "example.png")).convert("RGB"), dtype=np.float32) / 255
+    )
     taef2_dir = os.path.join(ROOT, "assets", "taef2")
-    model = load_tiny_autoencoder(os.path.join(taef2_dir, "taef2_encoder.pth"), os.path.join(taef2_dir, "taef2_decoder.pth")).eval()
+    model = load_tiny_autoencoder(
+        os.path.join(taef2_dir, "taef2_encoder.pth"), os.path.join(taef2_dir, "taef2_decoder.pth")
+    ).eval()
     with torch.no_grad():
         x = torch.from_numpy(original).permute(2, 0, 1)[None]
         expected = model.decode(model.encode(x)).clamp(0, 1)[0].permute(1, 2, 0).numpy()
     preview = _preview(server, entry, _node(prompt, "PreviewImage"))
     assert np.abs(preview.astype(int) - (expected * 255).astype(int)).max() <= 1
-    lab = colour.convert(expected.astype(np.float64), "sRGB", "Oklab") - colour.convert(original.astype(np.float64), "sRGB", "Oklab")
+    lab = colour.convert(expected.astype(np.float64), "sRGB", "Oklab") - colour.convert(
+        original.astype(np.float64), "sRGB", "Oklab"
+    )
     reported = entry["outputs"][_node(prompt, "VAELab_OklabLoss")]["vae_lab"][0]
     assert reported["mean_delta_e"] == pytest.approx(float(np.sqrt((lab**2).sum(-1)).mean()), rel=1e-2)
 
@@ -150,7 +157,9 @@ def _taef2():
     from training.taesd import load_tiny_autoencoder
 
     taef2_dir = os.path.join(ROOT, "assets", "taef2")
-    return load_tiny_autoencoder(os.path.join(taef2_dir, "taef2_encoder.pth"), os.path.join(taef2_dir, "taef2_decoder.pth")).eval()
+    return load_tiny_autoencoder(
+        os.path.join(taef2_dir, "taef2_encoder.pth"), os.path.join(taef2_dir, "taef2_decoder.pth")
+    ).eval()
 
 
 def check_finetune_decoder_on_folder(entry, prompt, server):
@@ -170,22 +179,30 @@ def check_finetune_decoder_on_folder(entry, prompt, server):
     files = entry["outputs"][_node(prompt, "VAELab_SaveFinetunedVAE")]["vae_lab"][0]["files"]
     assert [os.path.basename(f).rsplit("_", 1)[-1] for f in files] == ["encoder.safetensors", "decoder.safetensors"]
     encoder, decoder = (load_file(f) for f in files)
-    tuned = TinyAutoencoder.from_canonical({**{"encoder." + k: v for k, v in encoder.items()},
-                                            **{"decoder." + k: v for k, v in decoder.items()}}).eval()
+    tuned = TinyAutoencoder.from_canonical(
+        {**{"encoder." + k: v for k, v in encoder.items()}, **{"decoder." + k: v for k, v in decoder.items()}}
+    ).eval()
     base = _taef2()
-    original = np.asarray(Image.open(os.path.join(server.base, "input", "example.png")).convert("RGB"), dtype=np.float32) / 255
+    original = (
+        np.asarray(Image.open(os.path.join(server.base, "input", "example.png")).convert("RGB"), dtype=np.float32) / 255
+    )
     x = torch.from_numpy(original).permute(2, 0, 1)[None]
     with torch.no_grad():
         latents = base.encode(x)
         expected = tuned.decode(latents).clamp(0, 1)[0].permute(1, 2, 0).numpy()
         before = base.decode(latents).clamp(0, 1)[0].permute(1, 2, 0).numpy()
-    decoded_preview = next(k for k, v in prompt.items() if v["class_type"] == "PreviewImage"
-                           and prompt[v["inputs"]["images"][0]]["class_type"] == "VAEDecode")
+    decoded_preview = next(
+        k
+        for k, v in prompt.items()
+        if v["class_type"] == "PreviewImage" and prompt[v["inputs"]["images"][0]]["class_type"] == "VAEDecode"
+    )
     preview = _preview(server, entry, decoded_preview).astype(int)
     assert np.abs(preview - (expected * 255).astype(int)).max() <= 1
     assert np.abs(preview - (before * 255).astype(int)).max() > 3  # the decoder did change
     stem = os.path.basename(files[1])[: -len("_decoder.safetensors")]
-    spec = server.get("/object_info/VAELab_LoadTinyAutoencoder")["VAELab_LoadTinyAutoencoder"]["input"]["required"]["name"]
+    spec = server.get("/object_info/VAELab_LoadTinyAutoencoder")["VAELab_LoadTinyAutoencoder"]["input"]["required"][
+        "name"
+    ]
     options = spec[0] if isinstance(spec[0], list) else spec[1]["options"]  # V3 combos: ["COMBO", {"options": [...]}]
     assert stem in options
 
@@ -201,15 +218,20 @@ def check_continue_training(entry, prompt, server):
     single[second]["inputs"]["vae"] = prompt[first]["inputs"]["vae"]
     single[second]["inputs"]["steps"] = 40
     single_entry = server.run_prompt(single)
-    preview = next(k for k, v in prompt.items() if v["class_type"] == "PreviewImage"
-                   and prompt[v["inputs"]["images"][0]]["class_type"] == "VAEDecode")
+    preview = next(
+        k
+        for k, v in prompt.items()
+        if v["class_type"] == "PreviewImage" and prompt[v["inputs"]["images"][0]]["class_type"] == "VAEDecode"
+    )
     assert np.array_equal(_preview(server, entry, preview), _preview(server, single_entry, preview))
-    assert single_entry["outputs"][second]["vae_lab"][0]["held_out"] == entry["outputs"][second]["vae_lab"][0]["held_out"]
+    assert (
+        single_entry["outputs"][second]["vae_lab"][0]["held_out"] == entry["outputs"][second]["vae_lab"][0]["held_out"]
+    )
 
 
 def prepare_stable_cascade(server):
     """Random-weight Stable Cascade files (cached per machine) under the release names the workflows use."""
-    for name, path in cascade_files().items():
+    for name, path in cascade_files(server.host).items():
         folder = os.path.join(server.base, "models", "checkpoints" if "stage_b" in name else "vae")
         os.makedirs(folder, exist_ok=True)
         if not os.path.exists(os.path.join(folder, name)):
@@ -222,14 +244,18 @@ def check_stable_cascade_reconstruct(entry, prompt, server):
     loader = _node(prompt, "VAELab_LoadStageA")
     assert "read only the vae. part of stable_cascade_stage_b.safetensors" in entry["outputs"][loader]["text"][0]
     decode = _node(prompt, "VAELab_StableCascadeDecode")
-    preview = next(k for k, v in prompt.items() if v["class_type"] == "PreviewImage" and v["inputs"]["images"][0] == decode)
+    preview = next(
+        k for k, v in prompt.items() if v["class_type"] == "PreviewImage" and v["inputs"]["images"][0] == decode
+    )
     image = _preview(server, entry, preview)
     assert image.shape == (256, 256, 3) and image.std() > 1
     assert np.isfinite(entry["outputs"][_node(prompt, "VAELab_OklabLoss")]["vae_lab"][0]["mean_delta_e"])
     latent_mode = json.loads(json.dumps(prompt))
     inputs = latent_mode[decode]["inputs"]
-    latent_mode["90"] = {"class_type": "StableCascade_StageC_VAEEncode",
-                         "inputs": {"image": inputs.pop("image"), "vae": inputs.pop("effnet"), "compression": 42}}
+    latent_mode["90"] = {
+        "class_type": "StableCascade_StageC_VAEEncode",
+        "inputs": {"image": inputs.pop("image"), "vae": inputs.pop("effnet"), "compression": 42},
+    }
     inputs.update(source="stage_c latent", stage_c=["90", 0])
     again = _preview(server, server.run_prompt(latent_mode, timeout=900), preview)
     assert np.abs(again.astype(int) - image.astype(int)).max() <= 1  # 8-bit rounding of ~1e-6 kernel-path noise
@@ -240,20 +266,32 @@ def check_stable_cascade_finetune_stage_a(entry, prompt, server):
     exactly as the graph's finetuned VAE did, and differently from the base."""
     tune = _node(prompt, "VAELab_DecoderFinetuneSteps")
     values = entry["outputs"][tune]["vae_lab"][0]
-    assert values["step"] == prompt[tune]["inputs"]["steps"] and "Stable Cascade stage A" in entry["outputs"][tune]["text"][0]
+    assert (
+        values["step"] == prompt[tune]["inputs"]["steps"]
+        and "Stable Cascade stage A" in entry["outputs"][tune]["text"][0]
+    )
     (full,) = entry["outputs"][_node(prompt, "VAELab_SaveFinetunedVAE")]["vae_lab"][0]["files"]
     assert os.path.dirname(full).endswith(os.path.join("output", "vae"))
     listed = server.get("/object_info/VAELoader")["VAELoader"]["input"]["required"]["vae_name"][0]
     assert os.path.basename(full) in listed
     encode, decode = _node(prompt, "VAEEncode"), _node(prompt, "VAEDecode")
     core = {k: prompt[k] for k in ("1", prompt[encode]["inputs"]["vae"][0], encode)}
-    core.update({"91": {"class_type": "VAELoader", "inputs": {"vae_name": os.path.basename(full)}},
-                 decode: {"class_type": "VAEDecode", "inputs": {"samples": [encode, 0], "vae": ["91", 0]}},
-                 "92": {"class_type": "PreviewImage", "inputs": {"images": [decode, 0]}},
-                 "93": {"class_type": "VAEDecode", "inputs": {"samples": [encode, 0], "vae": prompt[encode]["inputs"]["vae"]}},
-                 "94": {"class_type": "PreviewImage", "inputs": {"images": ["93", 0]}}})
+    core.update(
+        {
+            "91": {"class_type": "VAELoader", "inputs": {"vae_name": os.path.basename(full)}},
+            decode: {"class_type": "VAEDecode", "inputs": {"samples": [encode, 0], "vae": ["91", 0]}},
+            "92": {"class_type": "PreviewImage", "inputs": {"images": [decode, 0]}},
+            "93": {
+                "class_type": "VAEDecode",
+                "inputs": {"samples": [encode, 0], "vae": prompt[encode]["inputs"]["vae"]},
+            },
+            "94": {"class_type": "PreviewImage", "inputs": {"images": ["93", 0]}},
+        }
+    )
     core_entry = server.run_prompt(core, timeout=900)
-    preview = next(k for k, v in prompt.items() if v["class_type"] == "PreviewImage" and v["inputs"]["images"][0] == decode)
+    preview = next(
+        k for k, v in prompt.items() if v["class_type"] == "PreviewImage" and v["inputs"]["images"][0] == decode
+    )
     finetuned = _preview(server, entry, preview)
     assert np.array_equal(finetuned, _preview(server, core_entry, "92"))
     assert not np.array_equal(finetuned, _preview(server, core_entry, "94"))
@@ -275,9 +313,11 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 def check_compare_decoders_on_my_images(entry, prompt, server):
     """Both modes list the three VAEs; TAEF2's PSNR in the table equals TAEF2 run outside ComfyUI on the saved
-    reference; the saved A/B images agree with scikit-image within 8-bit truncation; finetunes keep TAEF2's encoder, so shared-encoder numbers equal the autoencoder ones; the
-    A/B slider images were written."""
-    nodes = {prompt[k]["inputs"]["mode"]: k for k, v in prompt.items() if v["class_type"] == "VAELab_CompareReconstructions"}
+    reference; the saved A/B images agree with scikit-image within 8-bit truncation; finetunes keep TAEF2's encoder,
+    so shared-encoder numbers equal the autoencoder ones; the A/B slider images were written."""
+    nodes = {
+        prompt[k]["inputs"]["mode"]: k for k, v in prompt.items() if v["class_type"] == "VAELab_CompareReconstructions"
+    }
     data = {mode: entry["outputs"][k]["vae_lab"][0] for mode, k in nodes.items()}
     for values in data.values():
         assert list(values["decoders"]) == ["taef2", "finetuned ema", "finetuned raw"] and values["images"] == 1
@@ -311,11 +351,16 @@ def check_compare_decoders_on_my_images(entry, prompt, server):
     tiled_values = server.run_prompt(tiled, timeout=900)["outputs"][node]["vae_lab"][0]["decoders"]
     for label in auto:
         # 4 overlapping tiles on a 256 px image cost TAEF2 ~0.7 dB at the seams: close, not equal
-        assert tiled_values[label]["per_image"]["psnr"][0] == pytest.approx(auto[label]["per_image"]["psnr"][0], abs=1.0)
+        assert tiled_values[label]["per_image"]["psnr"][0] == pytest.approx(
+            auto[label]["per_image"]["psnr"][0], abs=1.0
+        )
     with_rfid = json.loads(json.dumps(prompt))
     with_rfid[node]["inputs"]["rfid"] = True  # opt-in: without the Inception file it says which file and where
     error = server.run_prompt(with_rfid, timeout=900, expect_error=True)
-    assert "pt_inception-2015-12-05-6726825d.pth" in error["exception_message"] and "inception" in error["exception_message"]
+    assert (
+        "pt_inception-2015-12-05-6726825d.pth" in error["exception_message"]
+        and "inception" in error["exception_message"]
+    )
     assert os.path.isfile(os.path.join(server.base, "temp", pair["a"]["filename"]))
 
 
@@ -346,16 +391,24 @@ def check_merge_two_finetunes(entry, prompt, server):
 
     merge = _node(prompt, "VAELab_MergeVAEs")
     assert "0.500·finetune A + 0.500·finetune B" in entry["outputs"][merge]["text"][0]
-    parents = [prompt[prompt[merge]["inputs"]["vae_list"][0]]["inputs"]["vae"],
-               prompt[prompt[prompt[merge]["inputs"]["vae_list"][0]]["inputs"]["vae_list"][0]]["inputs"]["vae"]]
+    parents = [
+        prompt[prompt[merge]["inputs"]["vae_list"][0]]["inputs"]["vae"],
+        prompt[prompt[prompt[merge]["inputs"]["vae_list"][0]]["inputs"]["vae_list"][0]]["inputs"]["vae"],
+    ]
     extended = json.loads(json.dumps(prompt))
     for n, source in enumerate(parents):
-        extended[f"9{n}"] = {"class_type": "VAELab_SaveFinetunedVAE", "inputs": {"vae": source, "filename_prefix": f"vae/parent{n}",
-                                                                                 "decoder_only_too": False}}
+        extended[f"9{n}"] = {
+            "class_type": "VAELab_SaveFinetunedVAE",
+            "inputs": {"vae": source, "filename_prefix": f"vae/parent{n}", "decoder_only_too": False},
+        }
     again = server.run_prompt(extended, timeout=900)
     merged_files = entry["outputs"][_node(prompt, "VAELab_SaveFinetunedVAE")]["vae_lab"][0]["files"]
-    decoders = [load_file(next(f for f in again["outputs"][f"9{n}"]["vae_lab"][0]["files"] if f.endswith("_decoder.safetensors")))
-                for n in range(2)]
+    decoders = [
+        load_file(
+            next(f for f in again["outputs"][f"9{n}"]["vae_lab"][0]["files"] if f.endswith("_decoder.safetensors"))
+        )
+        for n in range(2)
+    ]
     merged = load_file(next(f for f in merged_files if f.endswith("_decoder.safetensors")))
     b, a = decoders  # parents[0] is the list's last entry (finetune B)
     assert set(merged) == set(a)
@@ -379,7 +432,9 @@ def check_posthoc_ema(entry, prompt, server):
     base = json.loads(json.dumps(prompt))
     base[decode]["inputs"]["vae"] = prompt[node]["inputs"]["vae"]
     preview = _node(prompt, "PreviewImage")
-    assert not np.array_equal(_preview(server, entry, preview), _preview(server, server.run_prompt(base, timeout=900), preview))
+    assert not np.array_equal(
+        _preview(server, entry, preview), _preview(server, server.run_prompt(base, timeout=900), preview)
+    )
 
 
 def _job_status(server, name):
@@ -408,8 +463,10 @@ def check_background_finetune_job(entry, prompt, server):
     values = entry["outputs"][start]["vae_lab"][0]
     name = prompt[start]["inputs"]["job_name"]
     assert values["job"] == name and values["pid"] != server.process.pid
-    other = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
-             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    other = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
     server.run_prompt(other, timeout=60)  # the queue is free while the job trains
     status = _wait_for_job(server, name)
     assert status["state"] == "done" and status["step"] == prompt[start]["inputs"]["total_steps"], status
@@ -438,7 +495,9 @@ def check_load_finetune_job(entry, prompt, server):
     state = lab_jobs.latest_checkpoint(folder)
     model = _taef2()
     model.load_state_dict({**model.state_dict(), **state["ema"]["shadow"]})
-    original = np.asarray(Image.open(os.path.join(server.base, "input", "example.png")).convert("RGB"), dtype=np.float32) / 255
+    original = (
+        np.asarray(Image.open(os.path.join(server.base, "input", "example.png")).convert("RGB"), dtype=np.float32) / 255
+    )
     x = torch.from_numpy(original).permute(2, 0, 1)[None]
     with torch.no_grad():
         expected = model.decode(_taef2().encode(x)).clamp(0, 1)[0].permute(1, 2, 0).numpy()
@@ -462,8 +521,12 @@ CHECKS = {
     "load_finetune_job": check_load_finetune_job,
 }
 #: Files a workflow needs that only a user's download can supply; tests put random weights in their place.
-PREPARE = {"load_vae_decoder_sdxl": prepare_load_vae_decoder_sdxl, "load_finetune_job": prepare_load_finetune_job, "stable_cascade_reconstruct": prepare_stable_cascade,
-           "stable_cascade_finetune_stage_a": prepare_stable_cascade}
+PREPARE = {
+    "load_vae_decoder_sdxl": prepare_load_vae_decoder_sdxl,
+    "load_finetune_job": prepare_load_finetune_job,
+    "stable_cascade_reconstruct": prepare_stable_cascade,
+    "stable_cascade_finetune_stage_a": prepare_stable_cascade,
+}
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: os.path.basename(p))
@@ -481,13 +544,30 @@ def test_example_workflow_runs_and_gives_the_right_numbers(server, object_info, 
 def test_oklab_loss_names_the_input_and_the_fix_on_a_size_mismatch(server):
     prompt = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "bilinear", "width": 96, "height": 64, "crop": "disabled"}},
-        "3": {"class_type": "VAELab_OklabLoss", "inputs": {"image": ["2", 0], "reference": ["1", 0], "mse_mix": 0.5, "weight_L": 1.0,
-                                                          "weight_a": 2.0, "weight_b": 2.0, "mse_scale": 0.01, "heatmap_max": 0.1}},
+        "2": {
+            "class_type": "ImageScale",
+            "inputs": {"image": ["1", 0], "upscale_method": "bilinear", "width": 96, "height": 64, "crop": "disabled"},
+        },
+        "3": {
+            "class_type": "VAELab_OklabLoss",
+            "inputs": {
+                "image": ["2", 0],
+                "reference": ["1", 0],
+                "mse_mix": 0.5,
+                "weight_L": 1.0,
+                "weight_a": 2.0,
+                "weight_b": 2.0,
+                "mse_scale": 0.01,
+                "heatmap_max": 0.1,
+            },
+        },
     }
     error = server.run_prompt(prompt, expect_error=True)
     assert error["node_type"] == "VAELab_OklabLoss"
-    assert "image is 96x64 but reference is 768x768" in error["exception_message"] and "resize or crop" in error["exception_message"]
+    assert (
+        "image is 96x64 but reference is 768x768" in error["exception_message"]
+        and "resize or crop" in error["exception_message"]
+    )
 
 
 def test_a_finetuned_kl_vae_is_saved_listed_by_core_and_decodes_like_the_graph(server):
@@ -498,12 +578,35 @@ def test_a_finetuned_kl_vae_is_saved_listed_by_core_and_decodes_like_the_graph(s
     prepare_load_vae_decoder_sdxl(server)
     prompt = {
         "1": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-        "2": {"class_type": "ImageScale", "inputs": {"image": ["1", 0], "upscale_method": "area", "width": 128, "height": 128, "crop": "disabled"}},
-        "3": {"class_type": "VAELab_LoadVAEDecoder", "inputs": {"vae_name": "sdxl_vae.safetensors", "encoder": "from this file", "base_file": "(none)"}},
-        "4": {"class_type": "VAELab_DecoderFinetuneSteps", "inputs": {
-            "vae": ["3", 0], "images": ["2", 0], "folder": "", "recipe": "furception", "steps": 1, "batch_size": 1, "crop_size": 64,
-            "learning_rate": 0.0, "seed": 0, "held_out_fraction": 0.0, "output_weights": "raw", "gradient_checkpointing": True}},
-        "5": {"class_type": "VAELab_SaveFinetunedVAE", "inputs": {"vae": ["4", 0], "filename_prefix": "vae/kl_test", "decoder_only_too": True}},
+        "2": {
+            "class_type": "ImageScale",
+            "inputs": {"image": ["1", 0], "upscale_method": "area", "width": 128, "height": 128, "crop": "disabled"},
+        },
+        "3": {
+            "class_type": "VAELab_LoadVAEDecoder",
+            "inputs": {"vae_name": "sdxl_vae.safetensors", "encoder": "from this file", "base_file": "(none)"},
+        },
+        "4": {
+            "class_type": "VAELab_DecoderFinetuneSteps",
+            "inputs": {
+                "vae": ["3", 0],
+                "images": ["2", 0],
+                "folder": "",
+                "recipe": "furception",
+                "steps": 1,
+                "batch_size": 1,
+                "crop_size": 64,
+                "learning_rate": 0.0,
+                "seed": 0,
+                "held_out_fraction": 0.0,
+                "output_weights": "raw",
+                "gradient_checkpointing": True,
+            },
+        },
+        "5": {
+            "class_type": "VAELab_SaveFinetunedVAE",
+            "inputs": {"vae": ["4", 0], "filename_prefix": "vae/kl_test", "decoder_only_too": True},
+        },
         "6": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["3", 0]}},
         "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["4", 0]}},
         "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
@@ -520,10 +623,15 @@ def test_a_finetuned_kl_vae_is_saved_listed_by_core_and_decodes_like_the_graph(s
         meta = f.metadata()
     assert meta["vae_lab.base_file"] == "sdxl_vae.safetensors" and len(meta["vae_lab.base_sha256"]) == 64
     assert json.loads(meta["vae_lab.recipe"])["name"] == "furception-nolpips" and meta["vae_lab.steps"] == "1"
-    core = {"1": prompt["1"], "2": prompt["2"], "3": prompt["3"], "6": prompt["6"],
-            "11": {"class_type": "VAELoader", "inputs": {"vae_name": os.path.basename(full)}},
-            "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["11", 0]}},
-            "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}}}
+    core = {
+        "1": prompt["1"],
+        "2": prompt["2"],
+        "3": prompt["3"],
+        "6": prompt["6"],
+        "11": {"class_type": "VAELoader", "inputs": {"vae_name": os.path.basename(full)}},
+        "7": {"class_type": "VAEDecode", "inputs": {"samples": ["6", 0], "vae": ["11", 0]}},
+        "8": {"class_type": "PreviewImage", "inputs": {"images": ["7", 0]}},
+    }
     core_entry = server.run_prompt(core, timeout=900)
     finetuned = _preview(server, entry, "8")
     assert np.array_equal(finetuned, _preview(server, core_entry, "8"))
@@ -532,10 +640,14 @@ def test_a_finetuned_kl_vae_is_saved_listed_by_core_and_decodes_like_the_graph(s
     # load (VAEDecodeTiled: a node that has not run before, so nothing comes from the output cache)
     tiled = {"tile_size": 512, "overlap": 64, "temporal_size": 64, "temporal_overlap": 8}
     after = {k: prompt[k] for k in ("1", "2", "3", "6")}
-    after.update({"20": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["6", 0], "vae": ["3", 0], **tiled}},
-                  "21": {"class_type": "PreviewImage", "inputs": {"images": ["20", 0]}},
-                  "22": {"class_type": "VAELoader", "inputs": {"vae_name": "sdxl_vae.safetensors"}},
-                  "23": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["6", 0], "vae": ["22", 0], **tiled}},
-                  "24": {"class_type": "PreviewImage", "inputs": {"images": ["23", 0]}}})
+    after.update(
+        {
+            "20": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["6", 0], "vae": ["3", 0], **tiled}},
+            "21": {"class_type": "PreviewImage", "inputs": {"images": ["20", 0]}},
+            "22": {"class_type": "VAELoader", "inputs": {"vae_name": "sdxl_vae.safetensors"}},
+            "23": {"class_type": "VAEDecodeTiled", "inputs": {"samples": ["6", 0], "vae": ["22", 0], **tiled}},
+            "24": {"class_type": "PreviewImage", "inputs": {"images": ["23", 0]}},
+        }
+    )
     after_entry = server.run_prompt(after, timeout=900)
     assert np.array_equal(_preview(server, after_entry, "21"), _preview(server, after_entry, "24"))

@@ -1,6 +1,7 @@
 """Host tier: background jobs inside a real ComfyUI (CPU) — the panel's routes and events, pause / resume / stop /
 delete from the routes, a job that keeps training while another workflow executes, Load Finetune Job following the
 job's newest checkpoint, and Start Finetune Job on an IMAGE batch. Skipped unless COMFYUI_DIR names a ComfyUI."""
+
 from __future__ import annotations
 
 import json
@@ -10,18 +11,16 @@ import urllib.error
 import urllib.request
 import uuid
 
-import pytest
-from comfy_host import ROOT, comfyui_dir, ui_to_api
-
-pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason="host tier: set COMFYUI_DIR to a ComfyUI checkout with a venv")
+from comfy_host import ROOT, ui_to_api
 
 
 def start_prompt(server, name, total_steps=400, interval=10, crop=64):
     with open(os.path.join(ROOT, "example_workflows", "background_finetune_job.json")) as f:
         prompt = ui_to_api(json.load(f), server.get("/object_info"))
     start = next(k for k, v in prompt.items() if v["class_type"] == "VAELab_StartFinetuneJob")
-    prompt[start]["inputs"].update(job_name=name, total_steps=total_steps, checkpoint_interval=interval, crop_size=crop,
-                                   batch_size=1)
+    prompt[start]["inputs"].update(
+        job_name=name, total_steps=total_steps, checkpoint_interval=interval, crop_size=crop, batch_size=1
+    )
     return prompt
 
 
@@ -74,7 +73,11 @@ def test_routes_events_and_the_job_lifecycle(comfy_server):
 
     code, listing = request(server, "GET", "/vae_lab/jobs")
     assert code == 200 and name in [j["job"] for j in listing["jobs"]]
-    detail = wait(lambda: (d := summary(server, name)) and d.get("preview") and d.get("checkpoint_step") and d, 300, "a checkpoint")
+    detail = wait(
+        lambda: (d := summary(server, name)) and d.get("preview") and d.get("checkpoint_step") and d,
+        300,
+        "a checkpoint",
+    )
     assert detail["state"] == "running" and detail["total"] == 400 and detail["actions"] == ["pause", "stop"]
     assert detail["steps"] and [e for e in detail["evals"] if e["weights"] == "base"]
     code, png = request(server, "GET", f"/vae_lab/jobs/{name}/preview.png")
@@ -92,8 +95,10 @@ def test_routes_events_and_the_job_lifecycle(comfy_server):
 
     # another workflow executes while the job trains; the job advances meanwhile
     before = summary(server, name)["step"]
-    other = {"1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
-             "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}}}
+    other = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 0}},
+        "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+    }
     server.run_prompt(other, timeout=60)
     wait(lambda: summary(server, name)["step"] > before, 120, "the job to advance")
 
@@ -103,7 +108,11 @@ def test_routes_events_and_the_job_lifecycle(comfy_server):
     assert paused["checkpoint_step"] == paused["step"] and paused["actions"] == ["resume", "stop", "delete"]
     assert request(server, "POST", f"/vae_lab/jobs/{name}/pause")[0] == 409
     assert request(server, "POST", f"/vae_lab/jobs/{name}/resume")[0] == 200
-    wait(lambda: (s := summary(server, name))["state"] == "running" and s["step"] > paused["step"], 300, "resumed progress")
+    wait(
+        lambda: (s := summary(server, name))["state"] == "running" and s["step"] > paused["step"],
+        300,
+        "resumed progress",
+    )
     assert request(server, "POST", f"/vae_lab/jobs/{name}/stop")[0] == 200
     stopped = wait(lambda: (s := summary(server, name))["state"] == "stopped" and s, 120, "stopped")
     assert stopped["checkpoint_step"] == stopped["step"]
@@ -120,11 +129,13 @@ def test_load_finetune_job_follows_the_newest_checkpoint_while_the_job_trains(co
     prompt = start_prompt(server, name, total_steps=400, interval=10, crop=128)  # ~8 s per checkpoint on 2 CPU cores
     next(v for v in prompt.values() if v["class_type"] == "VAELab_StartFinetuneJob")["inputs"]["batch_size"] = 4
     server.run_prompt(prompt, timeout=120)
-    load = {"1": {"class_type": "VAELab_LoadFinetuneJob", "inputs": {"job": name, "weights": "ema"}},
-            "2": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-            "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 0]}},
-            "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 0]}},
-            "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}}}
+    load = {
+        "1": {"class_type": "VAELab_LoadFinetuneJob", "inputs": {"job": name, "weights": "ema"}},
+        "2": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "3": {"class_type": "VAEEncode", "inputs": {"pixels": ["2", 0], "vae": ["1", 0]}},
+        "4": {"class_type": "VAEDecode", "inputs": {"samples": ["3", 0], "vae": ["1", 0]}},
+        "5": {"class_type": "PreviewImage", "inputs": {"images": ["4", 0]}},
+    }
     wait(lambda: (summary(server, name).get("checkpoint_step") or 0) >= 10, 300, "a first checkpoint")
     first = server.run_prompt(load, timeout=120)["outputs"]["1"]["vae_lab"][0]["step"]
     wait(lambda: (summary(server, name).get("checkpoint_step") or 0) > first, 300, "a newer checkpoint")
@@ -162,12 +173,12 @@ def _status(folder):
         return json.load(f)
 
 
-def test_a_job_survives_a_comfyui_restart_as_interrupted_and_resumes():
+def test_a_job_survives_a_comfyui_restart_as_interrupted_and_resumes(comfy_host):
     """ComfyUI stops while a job trains: the worker checkpoints and stops as 'interrupted' (no orphan); a new ComfyUI on
     the same folders lists it with Resume, and Resume continues from that checkpoint."""
     from comfy_host import ComfyServer
 
-    first = ComfyServer(comfyui_dir())
+    first = ComfyServer(comfy_host)
     second = None
     try:
         first.wait_ready()
@@ -176,10 +187,11 @@ def test_a_job_survives_a_comfyui_restart_as_interrupted_and_resumes():
         wait(lambda: summary(first, name).get("step", 0) > 0, 300, "training")
         first.stop(remove=False)
         folder = os.path.join(first.base, "output", "vae_lab_jobs", name)
-        status = wait(lambda: (s := _status(folder))["state"] == "interrupted" and s,
-                      60, "the worker to notice ComfyUI is gone")
+        status = wait(
+            lambda: (s := _status(folder))["state"] == "interrupted" and s, 60, "the worker to notice ComfyUI is gone"
+        )
         assert f"step_{status['step']:08d}.pt" in os.listdir(os.path.join(folder, "checkpoints"))
-        second = ComfyServer(comfyui_dir(), base=first.base)
+        second = ComfyServer(comfy_host, base=first.base)
         second.wait_ready()
         listed = {j["job"]: j for j in request(second, "GET", "/vae_lab/jobs")[1]["jobs"]}
         assert listed[name]["state"] == "interrupted" and "resume" in listed[name]["actions"]
@@ -197,8 +209,8 @@ def test_a_job_survives_a_comfyui_restart_as_interrupted_and_resumes():
 
 
 def test_start_finetune_job_continues_a_training_state_from_the_graph(comfy_server):
-    """Decoder Finetune Steps (2 steps) → its training_state into Start Finetune Job (total 4, gradient checkpointing on):
-    the job resumes at step 2 and finishes at 4 with gradient checkpointing in its config."""
+    """Decoder Finetune Steps (2 steps) → its training_state into Start Finetune Job (total 4, gradient checkpointing
+    on): the job resumes at step 2 and finishes at 4 with gradient checkpointing in its config."""
     server, name = comfy_server, "continued_from_graph"
     with open(os.path.join(ROOT, "example_workflows", "finetune_decoder_on_folder.json")) as f:
         graph = ui_to_api(json.load(f), server.get("/object_info"))

@@ -1,26 +1,20 @@
 """Host tier: VAE Lab's loaders against core VAELoader inside real ComfyUI code (tests/host_scripts/loader_equality.py,
 run by ComfyUI's own Python), on full-size random weights in every layout core can also load."""
+
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 
 import pytest
-from comfy_host import ROOT, comfyui_dir, comfyui_python
-
-pytestmark = pytest.mark.skipif(comfyui_dir() is None, reason="host tier: set COMFYUI_DIR to a ComfyUI checkout with a venv")
+from comfy_host import run_host_script
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory):
-    script = os.path.join(ROOT, "tests", "host_scripts", "loader_equality.py")
-    comfy = comfyui_dir()
-    result = subprocess.run([comfyui_python(comfy), script, comfy, str(tmp_path_factory.mktemp("models"))],
-                            cwd=comfy, capture_output=True, text=True, timeout=900, check=False)
+def report(comfy_host, tmp_path_factory):
+    result = run_host_script(comfy_host, "loader_equality.py", str(tmp_path_factory.mktemp("models")))
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert result.returncode == 0 and lines, result.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT "):])
+    return json.loads(lines[-1][len("RESULT ") :])
 
 
 def test_every_layout_decodes_encodes_and_tiles_like_core(report):
