@@ -4,6 +4,7 @@ ComfyUI imports this file by path as a package, so everything below uses relativ
 ComfyUI (tests, the standalone demo) the ``training`` library is used on its own and this file only
 names the web folder.
 """
+
 WEB_DIRECTORY = "./web"
 
 try:

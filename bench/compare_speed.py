@@ -9,6 +9,7 @@ VAEs: a full-size SD/SDXL-layout kl-f8 and a TAESD pair (random weights in the r
 the kl-f8 again under another label (so two of the four are heavyweights). Images: the bundled photos, centre-cropped.
 The node also draws the grid, crops and heatmaps; the naive loop only computes the numbers.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,7 +23,9 @@ PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_DIR"), help="ComfyUI checkout (default $COMFYUI_DIR)")
+    parser.add_argument(
+        "--comfyui", default=os.environ.get("COMFYUI_DIR"), help="ComfyUI checkout (default $COMFYUI_DIR)"
+    )
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)

@@ -9,6 +9,7 @@ Weights are random in the real layouts (a full-size SD/SDXL kl-f8, a TAESD pair)
 TAEF2 has no core reference (core cannot build it); its row compares against core's TAESD module on
 TAEF2's weights without the mid-block GroupNorm branch: the same network minus that branch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,9 @@ PACK = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--comfyui", default=os.environ.get("COMFYUI_DIR"), help="ComfyUI checkout (default $COMFYUI_DIR)")
+    parser.add_argument(
+        "--comfyui", default=os.environ.get("COMFYUI_DIR"), help="ComfyUI checkout (default $COMFYUI_DIR)"
+    )
     parser.add_argument("--latent", type=int, default=32, help="latent side (pixels = 8x); default 32 -> 256 px")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cpu", action="store_true", help="force the CPU even when CUDA is there")
@@ -40,31 +43,53 @@ def main() -> None:
 
     import nodes
 
-    spec = importlib.util.spec_from_file_location("vae_lab", os.path.join(PACK, "__init__.py"), submodule_search_locations=[PACK])
+    spec = importlib.util.spec_from_file_location(
+        "vae_lab", os.path.join(PACK, "__init__.py"), submodule_search_locations=[PACK]
+    )
     sys.modules["vae_lab"] = module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     from vae_lab.nodes.load_tiny_autoencoder import LoadTinyAutoencoder
     from vae_lab.nodes.load_vae_decoder import LoadVAEDecoder
-    from vae_lab.training import layouts, taesd
+    from vae_lab.training import key_maps, taesd
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from random_vaes import write_random_vaes
 
     scratch = write_random_vaes()
-    taef2 = taesd.load_tiny_autoencoder(os.path.join(PACK, "assets", "taef2", "taef2_encoder.pth"),
-                                        os.path.join(PACK, "assets", "taef2", "taef2_decoder.pth")).state_dict()
+    taef2 = taesd.load_tiny_autoencoder(
+        os.path.join(PACK, "assets", "taef2", "taef2_encoder.pth"),
+        os.path.join(PACK, "assets", "taef2", "taef2_decoder.pth"),
+    ).state_dict()
     without_branch = {k: v for k, v in taef2.items() if ".pool." not in k}
-    save_file(layouts.comfy_from_tiny(without_branch, 1.0, 0.0), os.path.join(scratch, "vae", "taef2_without_branch.safetensors"))
+    save_file(
+        key_maps.comfy_from_tiny(without_branch, 1.0, 0.0),
+        os.path.join(scratch, "vae", "taef2_without_branch.safetensors"),
+    )
 
     loader = nodes.VAELoader()
     cases = [
-        ("SD/SDXL kl-f8 (83.7 M)", 4, lambda: LoadVAEDecoder.execute(vae_name="kl4.safetensors", encoder="from this file", base_file="(none)").result[0],
-         lambda: loader.load_vae("kl4.safetensors")[0]),
-        ("TAESD pair", 4, lambda: LoadTinyAutoencoder.execute(name="taesd", latent_space="auto", encoder="from this file").result[0],
-         lambda: loader.load_vae("taesd")[0]),
-        ("TAEF2 (core: without mid-block GN)", 32,
-         lambda: LoadTinyAutoencoder.execute(name="taef2 (bundled)", latent_space="auto", encoder="from this file").result[0],
-         lambda: loader.load_vae("taef2_without_branch.safetensors")[0]),
+        (
+            "SD/SDXL kl-f8 (83.7 M)",
+            4,
+            lambda: LoadVAEDecoder.execute(
+                vae_name="kl4.safetensors", encoder="from this file", base_file="(none)"
+            ).result[0],
+            lambda: loader.load_vae("kl4.safetensors")[0],
+        ),
+        (
+            "TAESD pair",
+            4,
+            lambda: LoadTinyAutoencoder.execute(name="taesd", latent_space="auto", encoder="from this file").result[0],
+            lambda: loader.load_vae("taesd")[0],
+        ),
+        (
+            "TAEF2 (core: without mid-block GN)",
+            32,
+            lambda: LoadTinyAutoencoder.execute(
+                name="taef2 (bundled)", latent_space="auto", encoder="from this file"
+            ).result[0],
+            lambda: loader.load_vae("taef2_without_branch.safetensors")[0],
+        ),
     ]
     decode = nodes.VAEDecode()
     rows = []
@@ -85,7 +110,10 @@ def main() -> None:
             ours_t, core_t = statistics.median(times["ours"]), statistics.median(times["core"])
             rows.append((name, ours_t, core_t, ours_t / core_t - 1))
     device = "cuda" if torch.cuda.is_available() and not comfy_args.cpu else "cpu"
-    print(f"VAEDecode of a {args.latent}x{args.latent} latent ({8 * args.latent} px), median of {args.repeats}, device {device}")
+    print(
+        f"VAEDecode of a {args.latent}x{args.latent} latent ({8 * args.latent} px), median of {args.repeats}, "
+        f"device {device}"
+    )
     print(f"| {'weights':36} | {'VAE Lab loader':>14} | {'core VAELoader':>14} | {'difference':>10} |")
     print(f"|{'-' * 38}|{'-' * 16}|{'-' * 16}|{'-' * 12}|")
     for name, ours_t, core_t, diff in rows:

@@ -5,6 +5,7 @@ same run, same images. Prints one table (plus a GPU row when CUDA is present).
 
     .venv/bin/python bench/metrics.py [--images 16] [--size 256] [--threads 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,11 +29,16 @@ def naive_loop(outputs: np.ndarray, references: np.ndarray) -> None:
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
     k = np.array([1, 4, 6, 4, 1]) / 16
-    blur = lambda x: convolve1d(convolve1d(x, k, axis=0, mode="mirror"), k, axis=1, mode="mirror")
+
+    def blur(x):
+        return convolve1d(convolve1d(x, k, axis=0, mode="mirror"), k, axis=1, mode="mirror")
+
     for y, x in zip(outputs, references):
         y = np.clip(y, 0, 1)
         peak_signal_noise_ratio(x, y, data_range=1.0)
-        structural_similarity(y, x, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+        structural_similarity(
+            y, x, data_range=1.0, channel_axis=-1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+        )
         np.sqrt(((colour.convert(y, "sRGB", "Oklab") - colour.convert(x, "sRGB", "Oklab")) ** 2).sum(-1)).mean()
         ((y - blur(y)) ** 2).mean() / ((x - blur(x)) ** 2).mean()
 
@@ -74,7 +80,10 @@ def main():
             torch.cuda.synchronize()
 
         t_gpu = timed(on_gpu)
-        rows.append(f"| VAE Lab batched torch, {torch.cuda.get_device_name()} | {t_gpu:.3f} | {1000 * t_gpu / n:.1f} | {t_naive / t_gpu:.2f}× |")
+        rows.append(
+            f"| VAE Lab batched torch, {torch.cuda.get_device_name()} | {t_gpu:.3f} | {1000 * t_gpu / n:.1f} | "
+            f"{t_naive / t_gpu:.2f}× |"
+        )
     print(f"metrics (PSNR, SSIM, Oklab ΔE, detail ratio), {n} images at {args.size}², {args.threads} threads, CPU")
     print("| implementation | total s | ms / image | speed-up |")
     print("|---|---|---|---|")

@@ -1,4 +1,5 @@
 """Random-weight VAE files in the real layouts for the host benchmarks (no real kl-f8/TAESD weights here)."""
+
 from __future__ import annotations
 
 import os
@@ -21,6 +22,8 @@ def write_random_vaes() -> str:
     save_file(klf8.KlAutoencoder().state_dict(), os.path.join(scratch, "vae", "kl4.safetensors"))
     tiny = taesd.TinyAutoencoder(4).state_dict()
     for part in ("encoder", "decoder"):
-        save_file({k[len(part) + 1:]: v for k, v in tiny.items() if k.startswith(part + ".")},
-                  os.path.join(scratch, "vae_approx", f"taesd_{part}.safetensors"))
+        save_file(
+            {k[len(part) + 1 :]: v for k, v in tiny.items() if k.startswith(part + ".")},
+            os.path.join(scratch, "vae_approx", f"taesd_{part}.safetensors"),
+        )
     return scratch

@@ -9,6 +9,7 @@ Load: one job (the bundled TAEF2, furception-nolpips, batch 2 of 128² crops) tr
 thread queueing the load_tiny_autoencoder_taef2 example workflow (TAEF2 encode + decode + Oklab loss) back to back,
 its image rescaled to a new size each time so nothing is served from cache. The job is stopped and deleted at the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,11 +55,15 @@ def main() -> None:
         with open(os.path.join(PACK, "example_workflows", "background_finetune_job.json")) as f:
             start = ui_to_api(json.load(f), info)
         node = next(k for k, v in start.items() if v["class_type"] == "VAELab_StartFinetuneJob")
-        start[node]["inputs"].update(job_name="latency_bench", total_steps=args.job_steps, checkpoint_interval=50,
-                                     batch_size=2, crop_size=128)
+        start[node]["inputs"].update(
+            job_name="latency_bench", total_steps=args.job_steps, checkpoint_interval=50, batch_size=2, crop_size=128
+        )
         server.run_prompt(start, timeout=120)
         deadline = time.time() + 300
-        while server.get("/vae_lab/jobs/latency_bench")["state"] != "running" or not server.get("/vae_lab/jobs/latency_bench")["steps"]:
+        while (
+            server.get("/vae_lab/jobs/latency_bench")["state"] != "running"
+            or not server.get("/vae_lab/jobs/latency_bench")["steps"]
+        ):
             if time.time() > deadline:
                 raise RuntimeError("the job did not start training")
             time.sleep(0.5)
@@ -69,8 +74,10 @@ def main() -> None:
             for key, link in value["inputs"].items():
                 if link == [load, 0]:
                     value["inputs"][key] = ["scale", 0]
-        other["scale"] = {"class_type": "ImageScale", "inputs": {"image": [load, 0], "upscale_method": "bilinear",
-                                                                 "width": 256, "height": 256, "crop": "center"}}
+        other["scale"] = {
+            "class_type": "ImageScale",
+            "inputs": {"image": [load, 0], "upscale_method": "bilinear", "width": 256, "height": 256, "crop": "center"},
+        }
         stop, executed = threading.Event(), [0]
 
         def generate():
@@ -88,8 +95,11 @@ def main() -> None:
         thread = threading.Thread(target=generate, daemon=True)
         thread.start()
         time.sleep(2)
-        routes = {"GET /vae_lab/jobs": "/vae_lab/jobs", "GET /vae_lab/jobs/<job>": "/vae_lab/jobs/latency_bench",
-                  "GET /system_stats (core, reference)": "/system_stats"}
+        routes = {
+            "GET /vae_lab/jobs": "/vae_lab/jobs",
+            "GET /vae_lab/jobs/<job>": "/vae_lab/jobs/latency_bench",
+            "GET /system_stats (core, reference)": "/system_stats",
+        }
         results = {name: [] for name in routes}
         first_step, began = server.get("/vae_lab/jobs/latency_bench")["step"], time.perf_counter()
         for _ in range(args.requests):  # interleaved, so every route sees the same load
@@ -99,9 +109,12 @@ def main() -> None:
         stop.set()
         seconds = time.perf_counter() - began
         steps = server.get("/vae_lab/jobs/latency_bench")
-        print(f"\nComfyUI on {'CUDA' if 'cuda' in str(steps.get('device')) else 'CPU'}; over {seconds:.0f} s the job went "
-              f"from step {first_step} to {steps['step']} ({steps.get('images_per_second') or 0:.2f} img/s) and "
-              f"{executed[0]} other workflows executed; {args.requests} requests per route\n")
+        print(
+            f"\nComfyUI on {'CUDA' if 'cuda' in str(steps.get('device')) else 'CPU'}; "
+            f"over {seconds:.0f} s the job went from step {first_step} to {steps['step']} "
+            f"({steps.get('images_per_second') or 0:.2f} img/s) and "
+            f"{executed[0]} other workflows executed; {args.requests} requests per route\n"
+        )
         print("| route | p50 ms | p99 ms | max ms |")
         print("|---|---:|---:|---:|")
         for name, values in results.items():

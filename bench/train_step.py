@@ -13,6 +13,7 @@ Both run the full furception-nolpips recipe with the critic on from step 0 (gan_
 weights (the cost is the architecture's, not the weights').
 Peak memory: torch.cuda.max_memory_allocated on CUDA, the process's peak RSS on the CPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,9 @@ def build(family: str):
 
     if family == "taef2":
         weights = os.path.join(ROOT, "assets", "taef2")
-        return taesd.load_tiny_autoencoder(os.path.join(weights, "taef2_encoder.pth"), os.path.join(weights, "taef2_decoder.pth"))
+        return taesd.load_tiny_autoencoder(
+            os.path.join(weights, "taef2_encoder.pth"), os.path.join(weights, "taef2_decoder.pth")
+        )
     torch.manual_seed(0)
     return klf8.KlAutoencoder(klf8.KlConfig())
 
@@ -50,24 +53,33 @@ def variant(args) -> dict:
     import numpy as np
     import torch
 
-    from training import data, finetune, gan, metrics, recipes
+    from training import data, decoders, finetune, gan, losses, metrics, recipes
     from training.latent_cache import LatentCache
 
     torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     model = build(args.family).to(device).eval()
-    recipe = finetune.recipe_with(recipes.RECIPES["furception-nolpips"], gan_start=0, critic_warmup_steps=0)
+    recipe = recipes.recipe_with(recipes.RECIPES["furception-nolpips"], gan_start=0, critic_warmup_steps=0)
     pictures = images()
-    encode = lambda x: model.encode(x.to(device))
+
+    def encode(x):
+        return model.encode(x.to(device))
+
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     if args.variant == "ours":
-        config = finetune.FinetuneConfig(batch_size=args.batch, crop_size=args.crop, crops_per_image=max(2, args.batch),
-                                         gradient_checkpointing=args.checkpointing)
+        config = finetune.FinetuneConfig(
+            batch_size=args.batch,
+            crop_size=args.crop,
+            crops_per_image=max(2, args.batch),
+            gradient_checkpointing=args.checkpointing,
+        )
         cache = LatentCache(pictures, args.crop, config.crops_per_image, 0, encode)
-        run = finetune.DecoderFinetune(model, recipe, config, cache, None, device=device)  # fills the pool (reference pass)
+        run = finetune.DecoderFinetune(
+            model, recipe, config, cache, None, device=device
+        )  # fills the pool (reference pass)
         run.train_step()  # warm-up
         sync()
         start = time.perf_counter()
@@ -77,25 +89,29 @@ def variant(args) -> dict:
         seconds = time.perf_counter() - start
         cache.close()
     else:
-        params = finetune.decoder_parameters(model)
+        params = decoders.decoder_parameters(model)
         for p in params.values():
             p.requires_grad_(True)
         optimizer = torch.optim.AdamW(params.values(), lr=recipe.lr, betas=(recipe.beta1, recipe.beta2))
         critic = gan.PatchDiscriminator(norm=recipe.disc_norm).to(device)
         critic_optimizer = torch.optim.AdamW(critic.parameters(), lr=recipe.disc_lr, betas=(0.5, 0.9))
-        last = finetune.last_decoder_layer(model)
+        last = decoders.last_decoder_layer(model)
 
         def step(i):
             rng = np.random.default_rng([0, i])
-            targets = data.to_tensor([data.random_crop(pictures[int(rng.integers(len(pictures)))], args.crop, rng)
-                                      for _ in range(args.batch)]).to(device)
+            targets = data.to_tensor(
+                [
+                    data.random_crop(pictures[int(rng.integers(len(pictures)))], args.crop, rng)
+                    for _ in range(args.batch)
+                ]
+            ).to(device)
             with torch.no_grad():
                 latents = model.encode(targets)
             out01 = model.decode(latents).clamp(0, 1)
-            rec = finetune.pixel_loss(out01, targets, recipe, i)
-            rec = rec + recipe.detail_weight * finetune.detail_loss(out01, metrics.high_frequency_energy(targets))
+            rec = losses.pixel_loss(out01, targets, recipe, i)
+            rec = rec + recipe.detail_weight * losses.detail_loss(out01, metrics.high_frequency_energy(targets))
             critic.requires_grad_(False)
-            g_loss = gan.generator_loss(critic(finetune.quantize_straight_through(out01)), recipe.disc_loss)
+            g_loss = gan.generator_loss(critic(losses.quantize_straight_through(out01)), recipe.disc_loss)
             loss = rec + gan.adaptive_gan_weight(rec, g_loss, last, recipe.gan_weight) * g_loss
             optimizer.zero_grad()
             loss.backward()
@@ -103,7 +119,9 @@ def variant(args) -> dict:
             optimizer.step()
             critic.requires_grad_(True)
             fake = (out01.detach() * 255).round() / 255
-            d_loss = gan.wasserstein_discriminator_loss(critic(targets), critic(fake)) + gan.gradient_penalty(critic, targets, fake, recipe.gp_weight)
+            d_loss = gan.wasserstein_discriminator_loss(critic(targets), critic(fake)) + gan.gradient_penalty(
+                critic, targets, fake, recipe.gp_weight
+            )
             critic_optimizer.zero_grad()
             d_loss.backward()
             critic_optimizer.step()
@@ -142,15 +160,23 @@ def main() -> None:
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results[name] = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[7:])
     device = results["ours"]["device"]
-    print(f"{args.family} decoder training, batch {args.batch} at {args.crop}², {args.steps} timed steps, {args.threads} threads, "
-          f"device {device}, furception-nolpips with the critic on{', checkpointing' if args.checkpointing else ''}")
+    print(
+        f"{args.family} decoder training, batch {args.batch} at {args.crop}², {args.steps} timed steps, "
+        f"{args.threads} threads, device {device}, furception-nolpips with the critic on"
+        f"{', checkpointing' if args.checkpointing else ''}"
+    )
     print("| loop | images/s | peak memory |")
     print("|---|---|---|")
-    for name, label in (("naive", "naive (fp32, encoder every step)"), ("ours", "VAE Lab (cached latents" + (", bf16, channels_last" if "cuda" in device else "") + ")")):
+    for name, label in (
+        ("naive", "naive (fp32, encoder every step)"),
+        ("ours", "VAE Lab (cached latents" + (", bf16, channels_last" if "cuda" in device else "") + ")"),
+    ):
         r = results[name]
         print(f"| {label} | {r['images_per_s']:.2f} | {r['peak_gib']:.2f} GiB |")
-    print(f"| ratio | {results['ours']['images_per_s'] / results['naive']['images_per_s']:.2f}× | "
-          f"{results['ours']['peak_gib'] / results['naive']['peak_gib']:.2f}× |")
+    print(
+        f"| ratio | {results['ours']['images_per_s'] / results['naive']['images_per_s']:.2f}× | "
+        f"{results['ours']['peak_gib'] / results['naive']['peak_gib']:.2f}× |"
+    )
 
 
 if __name__ == "__main__":

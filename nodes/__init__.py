@@ -1,28 +1,36 @@
 """ComfyUI nodes of VAE Lab: glue between the graph and ``training/``."""
+
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
-from .compare import (
-    CompareLatent,
-    CompareReconstructions,
-    MergeVAEs,
-    PostHocEMA,
-    VAEList,
-)
+from .compare import CompareLatent, CompareReconstructions, VAEList
 from .finetune_steps import DecoderFinetuneSteps
 from .host import register_model_folders
 from .jobs import LoadFinetuneJob, StartFinetuneJob
 from .load_tiny_autoencoder import LoadTinyAutoencoder
 from .load_vae_decoder import LoadVAEDecoder
+from .merge import MergeVAEs, PostHocEMA
 from .oklab_loss import OklabLoss
 from .save_finetuned_vae import SaveFinetunedVAE
 from .stable_cascade import LoadStageA, StableCascadeDecode
 
-NODES: list[type[io.ComfyNode]] = [LoadVAEDecoder, LoadTinyAutoencoder, LoadStageA, VAEList, CompareReconstructions,
-                                   CompareLatent, DecoderFinetuneSteps, StartFinetuneJob, LoadFinetuneJob, SaveFinetunedVAE,
-                                   MergeVAEs, PostHocEMA,
-                                   StableCascadeDecode, OklabLoss]
+NODES: list[type[io.ComfyNode]] = [
+    LoadVAEDecoder,
+    LoadTinyAutoencoder,
+    LoadStageA,
+    VAEList,
+    CompareReconstructions,
+    CompareLatent,
+    DecoderFinetuneSteps,
+    StartFinetuneJob,
+    LoadFinetuneJob,
+    SaveFinetunedVAE,
+    MergeVAEs,
+    PostHocEMA,
+    StableCascadeDecode,
+    OklabLoss,
+]
 
 
 class VAELabExtension(ComfyExtension):

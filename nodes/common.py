@@ -1,4 +1,5 @@
 """What every VAE Lab node shares."""
+
 from __future__ import annotations
 
 import functools

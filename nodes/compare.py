@@ -1,8 +1,9 @@
-"""Comparison nodes: VAE List, Compare Reconstructions, Compare Decoders on a Latent, Merge VAEs, Post-hoc EMA.
+"""Comparison nodes: VAE List, Compare Reconstructions, Compare Decoders on a Latent.
 
 Glue only: VAEs are run through the host's own encode/decode (what VAE Encode / VAE Decode do), and every
 number and picture comes from ``training.compare``.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,17 +13,9 @@ import uuid
 import torch
 from comfy_api.latest import io
 
-from ..training import compare, layouts, perceptual, report
-from ..training.vae_files import VaeFileError
+from ..training import compare, perceptual
 from .common import CATEGORY, summary_ui
-from .finetune_steps import TrainingState
 from .host import comfy_from_images01, images01_from_comfy
-from .host_vae import (
-    latent_scale_shift,
-    trainable_decoder,
-    vae_with_decoder,
-    weights_or_refusal,
-)
 
 VaeList = io.Custom("VAE_LAB_VAE_LIST")
 MODES = ["autoencoders", "shared encoder"]
@@ -43,12 +36,14 @@ class VAEList(io.ComfyNode):
             node_id="VAELab_VAEList",
             display_name="VAE List",
             category=CATEGORY,
-            description="Adds a labelled VAE to a list for Compare Reconstructions, Compare Decoders on a Latent and Merge "
-                        "VAEs. Chain one per VAE: the first node's list goes into the next node's vae_list.",
+            description="Adds a labelled VAE to a list for Compare Reconstructions, Compare Decoders on a Latent and "
+            "Merge VAEs. Chain one per VAE: the first node's list goes into the next node's vae_list.",
             inputs=[
                 io.Vae.Input("vae", tooltip="A VAE to compare or merge (from any loader)."),
                 io.String.Input("label", default="", tooltip="Its name in tables and pictures; empty = the file name."),
-                VaeList.Input("vae_list", optional=True, tooltip="The list so far (from another VAE List); empty starts one."),
+                VaeList.Input(
+                    "vae_list", optional=True, tooltip="The list so far (from another VAE List); empty starts one."
+                ),
             ],
             outputs=[VaeList.Output("vaes", display_name="vae_list", tooltip="The list with this VAE appended.")],
         )
@@ -68,7 +63,9 @@ class VAEList(io.ComfyNode):
 def _space(vae, label: str, encoder_side: bool) -> compare.LatentSpace:
     source = getattr(vae, "vae_lab_source", None) or {}
     ratio = vae.spacial_compression_encode() if encoder_side else vae.spacial_compression_decode()
-    return compare.LatentSpace(int(vae.latent_channels), int(ratio), compare.space_tag(source.get("variant"), source.get("file"), label))
+    return compare.LatentSpace(
+        int(vae.latent_channels), int(ratio), compare.space_tag(source.get("variant"), source.get("file"), label)
+    )
 
 
 def _lpips_models(choice: str) -> tuple[dict | None, str]:
@@ -130,47 +127,91 @@ class CompareReconstructions(io.ComfyNode):
             category=CATEGORY,
             is_output_node=True,
             description=(
-                "Encodes and decodes your images with every VAE of a VAE List and shows the reconstructions side by side "
-                "with numbers: PSNR, SSIM, Oklab ΔE, detail ratio and LPIPS (when its weights are present), mean ± std as "
-                "on the model cards; ΔE heatmaps; zoomed crops where the decoders disagree most; an A/B slider on the node. "
-                "'shared encoder' encodes once and compares only the decoders: the fair test for finetunes of one decoder."
+                "Encodes and decodes your images with every VAE of a VAE List and shows the reconstructions side by "
+                "side with numbers: PSNR, SSIM, Oklab ΔE, detail ratio and LPIPS (when its weights are present), mean "
+                "± std as on the model cards; ΔE heatmaps; zoomed crops where the decoders disagree most; an A/B "
+                "slider on the node. 'shared encoder' encodes once and compares only the decoders: the fair test for "
+                "finetunes of one decoder."
             ),
             inputs=[
-                io.Image.Input("images", tooltip="Reference images (a batch of one size; crop/resize first if needed)."),
+                io.Image.Input(
+                    "images", tooltip="Reference images (a batch of one size; crop/resize first if needed)."
+                ),
                 VaeList.Input("vae_list", tooltip="The VAEs to compare (chain VAE List nodes)."),
-                io.Combo.Input("mode", options=MODES, default=MODES[0],
-                               tooltip="autoencoders: each VAE encodes and decodes. shared encoder: one encoder (the "
-                                       "'encoder' input, else the list's first VAE) makes the latents every decoder decodes."),
-                io.Combo.Input("lpips", options=LPIPS_CHOICES, default=LPIPS_CHOICES[0],
-                               tooltip="LPIPS-Alex/VGG need torchvision's backbone files (README: LPIPS weights); without "
-                                       "them the column says so."),
-                io.Boolean.Input("tiled", default=False, tooltip="Tiled encode/decode (VAE Encode/Decode (Tiled)) for large images."),
-                io.Int.Input("tile_size", default=512, min=128, max=4096, step=64, tooltip="Tile side in pixels when tiled."),
+                io.Combo.Input(
+                    "mode",
+                    options=MODES,
+                    default=MODES[0],
+                    tooltip="autoencoders: each VAE encodes and decodes. shared encoder: one encoder (the "
+                    "'encoder' input, else the list's first VAE) makes the latents every decoder decodes.",
+                ),
+                io.Combo.Input(
+                    "lpips",
+                    options=LPIPS_CHOICES,
+                    default=LPIPS_CHOICES[0],
+                    tooltip="LPIPS-Alex/VGG need torchvision's backbone files (README: LPIPS weights); without "
+                    "them the column says so.",
+                ),
+                io.Boolean.Input(
+                    "tiled", default=False, tooltip="Tiled encode/decode (VAE Encode/Decode (Tiled)) for large images."
+                ),
+                io.Int.Input(
+                    "tile_size", default=512, min=128, max=4096, step=64, tooltip="Tile side in pixels when tiled."
+                ),
                 io.Int.Input("chunk_size", default=4, min=1, max=64, tooltip="Images per encode/decode call (memory)."),
-                io.Int.Input("zoom_window", default=64, min=16, max=512, step=8,
-                             tooltip="Side of the crop, in pixels, where the decoders disagree most (shown enlarged)."),
-                io.Int.Input("a", default=1, min=1, max=64, tooltip="Which VAE of the list is side A of the slider and image_a."),
-                io.Int.Input("b", default=2, min=1, max=64, tooltip="Which VAE is side B (with one VAE: the reference)."),
-                io.Vae.Input("encoder", optional=True, tooltip="shared encoder mode: the VAE whose encoder makes the latents."),
-                io.Boolean.Input("rfid", default=False, optional=True,
-                                 tooltip="Also rFID (distribution distance of reconstructions to references). Opt-in: needs "
-                                         "the pytorch-fid package and pt_inception-2015-12-05-6726825d.pth in models/inception "
-                                         "(never downloaded), and hundreds of images to mean much."),
+                io.Int.Input(
+                    "zoom_window",
+                    default=64,
+                    min=16,
+                    max=512,
+                    step=8,
+                    tooltip="Side of the crop, in pixels, where the decoders disagree most (shown enlarged).",
+                ),
+                io.Int.Input(
+                    "a", default=1, min=1, max=64, tooltip="Which VAE of the list is side A of the slider and image_a."
+                ),
+                io.Int.Input(
+                    "b", default=2, min=1, max=64, tooltip="Which VAE is side B (with one VAE: the reference)."
+                ),
+                io.Vae.Input(
+                    "encoder", optional=True, tooltip="shared encoder mode: the VAE whose encoder makes the latents."
+                ),
+                io.Boolean.Input(
+                    "rfid",
+                    default=False,
+                    optional=True,
+                    tooltip="Also rFID (distribution distance of reconstructions to references). Opt-in: needs "
+                    "the pytorch-fid package and pt_inception-2015-12-05-6726825d.pth in models/inception "
+                    "(never downloaded), and hundreds of images to mean much.",
+                ),
             ],
             outputs=[
-                io.Image.Output("grid", display_name="grid", tooltip="Rows: images; columns: reference, then each VAE, labelled with PSNR."),
-                io.Image.Output("crops", display_name="zoomed crops", tooltip="Where the decoders disagree most, enlarged."),
-                io.Image.Output("heatmaps", display_name="ΔE heatmaps", tooltip="Oklab ΔE per pixel, one shared scale."),
+                io.Image.Output(
+                    "grid",
+                    display_name="grid",
+                    tooltip="Rows: images; columns: reference, then each VAE, labelled with PSNR.",
+                ),
+                io.Image.Output(
+                    "crops", display_name="zoomed crops", tooltip="Where the decoders disagree most, enlarged."
+                ),
+                io.Image.Output(
+                    "heatmaps", display_name="ΔE heatmaps", tooltip="Oklab ΔE per pixel, one shared scale."
+                ),
                 io.String.Output("table", display_name="table", tooltip="Markdown table, mean ± std per VAE."),
-                io.String.Output("json", display_name="json", tooltip="Every number, per image and summarised, as JSON."),
-                io.Image.Output("image_a", display_name="image_a", tooltip="Side A's reconstructions (for your own compare nodes)."),
+                io.String.Output(
+                    "json", display_name="json", tooltip="Every number, per image and summarised, as JSON."
+                ),
+                io.Image.Output(
+                    "image_a", display_name="image_a", tooltip="Side A's reconstructions (for your own compare nodes)."
+                ),
                 io.Image.Output("image_b", display_name="image_b", tooltip="Side B's reconstructions."),
             ],
         )
 
     @classmethod
-    def execute(cls, images, vae_list, mode, lpips, tiled, tile_size, chunk_size, zoom_window, a, b, encoder=None,
-                rfid=False) -> io.NodeOutput:
+    def execute(
+        cls, images, vae_list, mode, lpips, tiled, tile_size, chunk_size, zoom_window, a, b, encoder=None, rfid=False
+    ) -> io.NodeOutput:
         import json
 
         import comfy.utils
@@ -184,14 +225,18 @@ class CompareReconstructions(io.ComfyNode):
             enc_vae = encoder if encoder is not None else vae_list[0]["vae"]
             enc_name = "encoder" if encoder is not None else labels[0]
             warnings += compare.check_shared_encoder(
-                (enc_name, _space(enc_vae, enc_name, True)), [(e["label"], _space(e["vae"], e["label"], False)) for e in vae_list])
+                (enc_name, _space(enc_vae, enc_name, True)),
+                [(e["label"], _space(e["vae"], e["label"], False)) for e in vae_list],
+            )
             ratios = [enc_vae.spacial_compression_encode()]
         else:
             ratios = [e["vae"].spacial_compression_encode() for e in vae_list]
         ratio = math.lcm(*[int(r) for r in ratios])
         reference = compare.crop_to_multiple(reference, ratio)
         count = reference.shape[0]
-        steps = len(vae_list) * math.ceil(count / chunk_size) + (math.ceil(count / chunk_size) if mode == MODES[1] else 0)
+        steps = len(vae_list) * math.ceil(count / chunk_size) + (
+            math.ceil(count / chunk_size) if mode == MODES[1] else 0
+        )
         progress = comfy.utils.ProgressBar(steps)
         outputs = {}
         shared = None
@@ -208,8 +253,10 @@ class CompareReconstructions(io.ComfyNode):
                 progress.update(1)
             decoded = torch.cat(pieces)
             if decoded.shape[-2:] != reference.shape[-2:]:
-                raise ValueError(f"Compare Reconstructions: {entry['label']} returned {decoded.shape[-1]}x{decoded.shape[-2]} "
-                                 f"for {reference.shape[-1]}x{reference.shape[-2]} input: its encoder and decoder ratios differ")
+                raise ValueError(
+                    f"Compare Reconstructions: {entry['label']} returned {decoded.shape[-1]}x{decoded.shape[-2]} "
+                    f"for {reference.shape[-1]}x{reference.shape[-2]} input: its encoder and decoder ratios differ"
+                )
             outputs[entry["label"]] = decoded
         models, note = _lpips_models(lpips)
         result = compare.compare_reconstructions(reference, outputs, models, note)
@@ -228,12 +275,23 @@ class CompareReconstructions(io.ComfyNode):
         b_label = labels[min(b, len(labels)) - 1] if len(labels) > 1 else None
         side_a = result.outputs[a_label]
         side_b = result.outputs[b_label] if b_label else result.reference
-        text = "\n".join([f"{mode}: {count} image(s) at {reference.shape[-1]}x{reference.shape[-2]}, {len(labels)} VAE(s)"]
-                         + [f"WARNING: {w}" for w in warnings] + [table])
+        text = "\n".join(
+            [f"{mode}: {count} image(s) at {reference.shape[-1]}x{reference.shape[-2]}, {len(labels)} VAE(s)"]
+            + [f"WARNING: {w}" for w in warnings]
+            + [table]
+        )
         ui = summary_ui(text, data)
         ui["vae_lab_ab"] = [_ab_preview(side_a[0], side_b[0], (a_label, b_label or "reference"))]
-        return io.NodeOutput(comfy_from_images01(grid[None]), comfy_from_images01(crops[None]), comfy_from_images01(heat[None]),
-                             table, json.dumps(data), comfy_from_images01(side_a), comfy_from_images01(side_b), ui=ui)
+        return io.NodeOutput(
+            comfy_from_images01(grid[None]),
+            comfy_from_images01(crops[None]),
+            comfy_from_images01(heat[None]),
+            table,
+            json.dumps(data),
+            comfy_from_images01(side_a),
+            comfy_from_images01(side_b),
+            ui=ui,
+        )
 
 
 def _rfid(reference: torch.Tensor, outputs: dict[str, torch.Tensor]) -> tuple[dict[str, float], str | None]:
@@ -244,8 +302,10 @@ def _rfid(reference: torch.Tensor, outputs: dict[str, torch.Tensor]) -> tuple[di
     folder = os.path.join(folder_paths.models_dir, "inception")
     path = rfid.find_weights([folder])
     if path is None:
-        raise rfid.RfidUnavailable(f"Compare Reconstructions: rfid is on but {rfid.WEIGHTS_FILE} is in neither {folder} nor "
-                                   f"torch's cache; download it from {rfid.WEIGHTS_URL} into {folder}, or turn rfid off")
+        raise rfid.RfidUnavailable(
+            f"Compare Reconstructions: rfid is on but {rfid.WEIGHTS_FILE} is in neither {folder} nor "
+            f"torch's cache; download it from {rfid.WEIGHTS_URL} into {folder}, or turn rfid off"
+        )
     return rfid.rfid_per_decoder(rfid.inception(path), reference, outputs)
 
 
@@ -266,11 +326,15 @@ class CompareLatent(io.ComfyNode):
                 io.Latent.Input("samples", tooltip="The latent to decode (all VAEs must read its latent space)."),
                 VaeList.Input("vae_list", tooltip="Decoders of that latent space (chain VAE List nodes)."),
                 io.Boolean.Input("tiled", default=False, tooltip="Tiled decode for large latents."),
-                io.Int.Input("tile_size", default=512, min=128, max=4096, step=64, tooltip="Tile side in pixels when tiled."),
+                io.Int.Input(
+                    "tile_size", default=512, min=128, max=4096, step=64, tooltip="Tile side in pixels when tiled."
+                ),
             ],
             outputs=[
                 io.Image.Output("grid", display_name="grid", tooltip="Rows: latents of the batch; columns: decoders."),
-                io.Image.Output("decoded", display_name="decoded", tooltip="Every decode, decoder after decoder, as one batch."),
+                io.Image.Output(
+                    "decoded", display_name="decoded", tooltip="Every decode, decoder after decoder, as one batch."
+                ),
                 io.String.Output("table", display_name="table", tooltip="Markdown table per decoder."),
                 io.String.Output("json", display_name="json", tooltip="Every number as JSON."),
             ],
@@ -285,11 +349,16 @@ class CompareLatent(io.ComfyNode):
         if not vae_list:
             raise ValueError("Compare Decoders on a Latent: vae_list is empty; connect VAE List nodes")
         latents = samples["samples"]
-        wrong = [f"{e['label']} ({e['vae'].latent_channels} channels)" for e in vae_list
-                 if latents.ndim == 4 and e["vae"].latent_channels != latents.shape[1]]
+        wrong = [
+            f"{e['label']} ({e['vae'].latent_channels} channels)"
+            for e in vae_list
+            if latents.ndim == 4 and e["vae"].latent_channels != latents.shape[1]
+        ]
         if wrong:
-            raise ValueError(f"Compare Decoders on a Latent: the latent has {latents.shape[1]} channels but "
-                             f"{', '.join(wrong)} read another latent space; remove them or decode a matching latent")
+            raise ValueError(
+                f"Compare Decoders on a Latent: the latent has {latents.shape[1]} channels but "
+                f"{', '.join(wrong)} read another latent space; remove them or decode a matching latent"
+            )
         progress = comfy.utils.ProgressBar(len(vae_list))
         decoded = {}
         for entry in vae_list:
@@ -297,138 +366,23 @@ class CompareLatent(io.ComfyNode):
             progress.update(1)
         sizes = {tuple(d.shape[-2:]) for d in decoded.values()}
         if len(sizes) > 1:
-            raise ValueError(f"Compare Decoders on a Latent: the decoders give different sizes {sorted(sizes)}: "
-                             "they upscale by different ratios, so they are not decoders of one latent space")
+            raise ValueError(
+                f"Compare Decoders on a Latent: the decoders give different sizes {sorted(sizes)}: "
+                "they upscale by different ratios, so they are not decoders of one latent space"
+            )
         stats = compare.latent_statistics(decoded)
         grid = compare.latent_grid(decoded, stats)
         first = next(iter(decoded.values()))
         table = compare.latent_table(stats)
         data = {label: {k: [float(x) for x in v] for k, v in s.items()} for label, s in stats.items()}
-        text = f"{first.shape[0]} latent(s) decoded at {first.shape[-1]}x{first.shape[-2]} by {len(decoded)} decoder(s)\n{table}"
-        return io.NodeOutput(comfy_from_images01(grid[None]), comfy_from_images01(torch.cat(list(decoded.values()))),
-                             table, json.dumps(data), ui=summary_ui(text, data))
-
-
-def _weights(text: str, count: int) -> list[float]:
-    if not text.strip():
-        return [1.0] * count
-    try:
-        values = [float(v) for v in text.replace(";", ",").split(",") if v.strip()]
-    except ValueError as exc:
-        raise ValueError(f"Merge VAEs: weights {text!r} are not numbers; write e.g. '0.5, 0.5'") from exc
-    if len(values) != count:
-        raise ValueError(f"Merge VAEs: {len(values)} weight(s) for {count} VAEs; give one per VAE, in list order")
-    return values
-
-
-class MergeVAEs(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="VAELab_MergeVAEs",
-            display_name="Merge VAEs",
-            category=CATEGORY,
-            description=(
-                "Weighted average of the decoders of two or more VAEs of one family and architecture (e.g. two finetunes "
-                "of one base); the encoder is the first VAE's. Weights are normalised to sum to 1; a negative weight "
-                "extrapolates, with a warning."
-            ),
-            inputs=[
-                VaeList.Input("vae_list", tooltip="The VAEs to merge, in order (chain VAE List nodes)."),
-                io.String.Input("weights", default="", tooltip="One weight per VAE, comma-separated ('0.7, 0.3'); empty = equal."),
-            ],
-            outputs=[
-                io.Vae.Output("merged", display_name="VAE", tooltip="The merged VAE (first VAE's encoder)."),
-                io.String.Output("summary", display_name="summary", tooltip="What was merged with which weights."),
-            ],
+        text = (
+            f"{first.shape[0]} latent(s) decoded at {first.shape[-1]}x{first.shape[-2]} by {len(decoded)} decoder(s)\n"
+            f"{table}"
         )
-
-    @classmethod
-    def execute(cls, vae_list, weights) -> io.NodeOutput:
-        if not vae_list or len(vae_list) < 2:
-            raise ValueError("Merge VAEs: connect a VAE List with at least two VAEs")
-        labels = [e["label"] for e in vae_list]
-        normalised, warning = compare.normalised_weights(_weights(weights, len(vae_list)))
-        parts = []
-        for entry in vae_list:
-            w = weights_or_refusal(entry["vae"], "Merge VAEs")
-            parts.append((w, layouts.split_parts(w.detected)[1]))
-        family = parts[0][0].family
-        other = [labels[i] for i, (w, _) in enumerate(parts) if w.family != family]
-        if other:
-            raise VaeFileError(f"Merge VAEs: {', '.join(other)} are not {parts[0][0].detected.family_name} like {labels[0]}; "
-                               "merge only VAEs of one family")
-        try:
-            merged = compare.merge_state_dicts([d for _, d in parts], normalised, labels)
-        except compare.MergeError as exc:
-            raise ValueError(f"Merge VAEs: {exc}") from exc
-        first = vae_list[0]["vae"]
-        scale, shift = latent_scale_shift(first, parts[0][0])
-        vae = vae_with_decoder(first, family, merged, scale, shift)
-        vae.vae_lab_source = {"file": f"merge of {', '.join(labels)}", "licence": None}
-        lines = [f"decoder = {' + '.join(f'{w:.3f}·{label}' for w, label in zip(normalised, labels))}; encoder from {labels[0]}"]
-        if warning:
-            lines.append("WARNING: " + warning)
-        text = "\n".join(lines)
-        return io.NodeOutput(vae, text, ui=summary_ui(text, {"weights": dict(zip(labels, normalised)), "warning": warning}))
-
-
-class PostHocEMA(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="VAELab_PostHocEMA",
-            display_name="Post-hoc EMA",
-            category=CATEGORY,
-            description=(
-                "Rebuilds the finetuned decoder for an EMA length chosen after training (Karras et al., EDM2: least squares "
-                "over the power-function EMA snapshots Decoder Finetune Steps keeps with posthoc_ema on). With images "
-                "connected, a table shows held-out metrics for several EMA lengths so the choice is visible."
-            ),
-            inputs=[
-                io.Vae.Input("vae", tooltip="The VAE the training started from (its encoder is used)."),
-                TrainingState.Input("training_state", tooltip="From Decoder Finetune Steps run with posthoc_ema on."),
-                io.Float.Input("sigma_rel", default=0.10, min=0.01, max=0.3, step=0.005, round=0.001,
-                               tooltip="EMA length relative to the run (EDM2's σ_rel): 0.05 short, 0.10 medium, 0.15+ long."),
-                io.String.Input("table_lengths", default="0.05, 0.10, 0.15, 0.20",
-                                tooltip="σ_rel values for the metrics table (with images connected)."),
-                io.Image.Input("images", optional=True, tooltip="Images never trained on, for the metrics table."),
-            ],
-            outputs=[
-                io.Vae.Output("vae_out", display_name="VAE", tooltip="The VAE with the post-hoc EMA decoder."),
-                io.String.Output("table", display_name="table", tooltip="Held-out metrics per EMA length (Markdown)."),
-            ],
+        return io.NodeOutput(
+            comfy_from_images01(grid[None]),
+            comfy_from_images01(torch.cat(list(decoded.values()))),
+            table,
+            json.dumps(data),
+            ui=summary_ui(text, data),
         )
-
-    @classmethod
-    def execute(cls, vae, training_state, sigma_rel, table_lengths, images=None) -> io.NodeOutput:
-        snapshots = (training_state.get("posthoc") or {}).get("snapshots") or []
-        if not snapshots:
-            raise ValueError("Post-hoc EMA: this training_state has no EMA snapshots; run Decoder Finetune Steps with "
-                             "posthoc_ema on (long enough for a few snapshots: one every 8+ steps)")
-        model, family, scale, shift = trainable_decoder(vae, "Post-hoc EMA")
-        if family != training_state.get("family") or set(snapshots[0]["tensors"]) != set(dict(model.named_parameters())):
-            raise ValueError("Post-hoc EMA: the training_state belongs to another decoder; connect the VAE it was trained from")
-        tensors = compare.posthoc_ema(snapshots, sigma_rel)
-        lines = [f"post-hoc EMA σ_rel {sigma_rel:g} at step {max(s['step'] for s in snapshots)} from {len(snapshots)} snapshots"]
-        values = {"sigma_rel": sigma_rel, "snapshots": len(snapshots)}
-        table = ""
-        if images is not None:
-            reference = images01_from_comfy(images, "images").clamp(0, 1)
-            reference = compare.crop_to_multiple(reference, vae.spacial_compression_encode())
-            with torch.inference_mode():
-                latents = vae.encode(reference.movedim(1, -1)).clone()
-            try:
-                lengths = [round(float(x), 4) for x in table_lengths.replace(";", ",").split(",") if x.strip()]
-            except ValueError as exc:
-                raise ValueError(f"Post-hoc EMA: table_lengths {table_lengths!r} are not numbers; write e.g. "
-                                 "'0.05, 0.10, 0.15'") from exc
-            with torch.inference_mode(False):
-                per_image = compare.posthoc_table(model, snapshots, [*lengths, sigma_rel], latents, reference, sigma_rel)
-            table = report.markdown_table(per_image)
-            lines.append(table)
-            values["table"] = {k: {m: float(v.mean()) for m, v in d.items()} for k, d in per_image.items()}
-        new_vae = vae_with_decoder(vae, family, tensors, scale, shift)
-        new_vae.vae_lab_source = getattr(vae, "vae_lab_source", None)
-        text = "\n".join(lines)
-        return io.NodeOutput(new_vae, table, ui=summary_ui(text, values))

@@ -6,12 +6,13 @@ import os
 from comfy_api.latest import io
 
 from ..training import data, finetune, perceptual, recipes, visualize
+from ..training.run import TrainingRun
+from . import training_inputs as inputs
 from .common import CATEGORY, summary_ui
 from .host import comfy_from_images01, images_from_comfy_batch, training_device
 from .host_vae import host_encoder, trainable_decoder, vae_with_decoder
+from .training_inputs import BUNDLED, TrainingState
 
-TrainingState = io.Custom("VAE_LAB_TRAINING_STATE")
-BUNDLED = "bundled"
 PACK_IMAGES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "images")
 WEIGHTS = ["ema", "raw"]
 
@@ -25,8 +26,10 @@ def image_source(images, folder: str, min_side: int, node: str):
         arrays = images_from_comfy_batch(images, "images")
         small = [a for a in arrays if min(a.shape[:2]) < min_side]
         if small:
-            raise ValueError(f"{node}: the images are {small[0].shape[1]}x{small[0].shape[0]}, smaller than "
-                             f"crop_size {min_side}; lower crop_size or use larger images")
+            raise ValueError(
+                f"{node}: the images are {small[0].shape[1]}x{small[0].shape[0]}, smaller than "
+                f"crop_size {min_side}; lower crop_size or use larger images"
+            )
         return arrays, None
     if not folder.strip():
         raise ValueError(f"{node}: connect images or name a folder (or 'bundled' for VAE Lab's sample photos)")
@@ -45,7 +48,9 @@ def training_images(images, folder: str, seed: int, held_out_fraction: float, mi
     else:
         arrays = [found.image(i) for i in range(len(found))]
         names = [os.path.relpath(p, found.folder) for p in found.paths]
-        source = f"{len(arrays)} image(s) from {found.folder}" + (f"; {found.skipped.summary()}" if found.skipped.count else "")
+        source = f"{len(arrays)} image(s) from {found.folder}" + (
+            f"; {found.skipped.summary()}" if found.skipped.count else ""
+        )
     train, held = data.split_or_all(len(arrays), held_out_fraction, seed)
     return [arrays[i] for i in train], [arrays[i] for i in held], [names[i] for i in held], source
 
@@ -54,8 +59,15 @@ def _preview(run: finetune.DecoderFinetune, sample) -> tuple:
     """Progress-bar preview: target | before | now, on one held-out (or training) crop."""
     target, latents, before = sample
     now = run.decode_with(latents, use_ema=False)[0]
-    picture = visualize.grid([[visualize.label(target, "target"), visualize.label(before, "before"),
-                               visualize.label(now, f"step {run.step}")]])
+    picture = visualize.grid(
+        [
+            [
+                visualize.label(target, "target"),
+                visualize.label(before, "before"),
+                visualize.label(now, f"step {run.step}"),
+            ]
+        ]
+    )
     from PIL import Image
 
     array = (picture.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
@@ -72,8 +84,12 @@ def loss_curve(run: finetune.DecoderFinetune):
 
 def summary_text(run: finetune.DecoderFinetune, note: str | None, source: str, weights: str) -> tuple[str, dict]:
     family = {"kl": "kl-f8", "tiny": "TAESD-family", "stage_a": "Stable Cascade stage A"}.get(run.family, run.family)
-    lines = [(f"{run.recipe.name} on a {family} decoder: step {run.step} ({run.images_seen} crops seen), "
-              f"output {weights} weights")]
+    lines = [
+        (
+            f"{run.recipe.name} on a {family} decoder: step {run.step} ({run.images_seen} crops seen), "
+            f"output {weights} weights"
+        )
+    ]
     if note:
         lines.append("NOTE: " + note)
     held = len(run.held_out.names) if run.held_out is not None else 0
@@ -81,14 +97,21 @@ def summary_text(run: finetune.DecoderFinetune, note: str | None, source: str, w
     lines += ["NOTE: " + n for n in run.notes]
     if run.skipped_steps:
         lines.append(f"{run.skipped_steps} step(s) skipped for non-finite losses (nothing non-finite was applied)")
-    values = {"step": run.step, "images_seen": run.images_seen, "recipe": run.recipe.name, "fallback_note": note,
-              "skipped_steps": run.skipped_steps}
+    values = {
+        "step": run.step,
+        "images_seen": run.images_seen,
+        "recipe": run.recipe.name,
+        "fallback_note": note,
+        "skipped_steps": run.skipped_steps,
+    }
     if run.base_evaluation and run.evaluations:
         base, now = run.base_evaluation, run.evaluations[-1]
-        lines.append(f"held-out ({len(run.held_out.names)}): PSNR {base['psnr']:.2f} → {now['psnr']:.2f} dB "
-                     f"({now['psnr'] - base['psnr']:+.2f}), Oklab ΔE {base['delta_e']:.4f} → {now['delta_e']:.4f} "
-                     f"({(now['delta_e'] / base['delta_e'] - 1) * 100:+.1f} %), detail ratio {base['detail_ratio']:.3f} → "
-                     f"{now['detail_ratio']:.3f}, SSIM {base['ssim']:.4f} → {now['ssim']:.4f}")
+        lines.append(
+            f"held-out ({len(run.held_out.names)}): PSNR {base['psnr']:.2f} → {now['psnr']:.2f} dB "
+            f"({now['psnr'] - base['psnr']:+.2f}), Oklab ΔE {base['delta_e']:.4f} → {now['delta_e']:.4f} "
+            f"({(now['delta_e'] / base['delta_e'] - 1) * 100:+.1f} %), detail ratio {base['detail_ratio']:.3f} → "
+            f"{now['detail_ratio']:.3f}, SSIM {base['ssim']:.4f} → {now['ssim']:.4f}"
+        )
         values.update(base=base, held_out=now)
     else:
         lines.append("no held-out images (one image, or held_out_fraction 0): no before/after numbers")
@@ -112,73 +135,105 @@ class DecoderFinetuneSteps(io.ComfyNode):
             ),
             inputs=[
                 io.Vae.Input("vae", tooltip="The VAE whose decoder is trained. It is copied, never changed."),
-                io.Image.Input("images", optional=True,
-                               tooltip="Training images as an IMAGE batch (e.g. from Load Image). Or leave it unconnected "
-                                       "and name a folder."),
-                io.String.Input("folder", default="",
-                                tooltip="A folder of images (png/jpg/webp/...; subfolders too; unreadable files are skipped "
-                                        "and counted). 'bundled' = VAE Lab's sample photos. Used when images is not connected."),
-                io.Combo.Input("recipe", options=list(recipes.RECIPES), default=recipes.DEFAULT_RECIPE,
-                               tooltip="furception: Oklab + LPIPS-VGG + PatchGAN + EMA (falls back to furception-nolpips, "
-                                       "and says so, when the LPIPS weights are missing; it keeps sharpness with a fine-band blur inside the "
-                                       "pixel loss instead). ft-mse / ft-ema: Stability's "
-                                       "recipes (need LPIPS weights). See the README."),
-                io.Int.Input("steps", default=200, min=1, max=1_000_000,
-                             tooltip="Optimiser steps in this node. On a GPU, thousands; on a CPU, ~3 s per step for TAEF2 at "
-                                     "batch 8, 128 px."),
-                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Crops per step."),
-                io.Int.Input("crop_size", default=256, min=64, max=1024, step=64,
-                             tooltip="Training crop side in pixels (a multiple of 64). Images smaller than this are skipped."),
-                io.Float.Input("learning_rate", default=0.0, min=0.0, max=0.01, step=1e-6, round=1e-8,
-                               tooltip="0 = the recipe's learning rate (3e-5). Warm-up over the recipe's first steps."),
-                io.Int.Input("seed", default=0, min=0, max=2**31 - 1,
-                             tooltip="Fixes crops, held-out split and critic init: same seed + same data = same weights.",
-                             control_after_generate=True),
-                io.Float.Input("held_out_fraction", default=0.2, min=0.0, max=0.9, step=0.05,
-                               tooltip="Share of the images never trained on, used for before/after numbers "
-                                       "(with 2+ images at least one is held out; 0 = train on all)."),
-                io.Combo.Input("output_weights", options=WEIGHTS, default="ema",
-                               tooltip="ema = the exponential moving average of the weights (smoother, what the recipes "
-                                       "publish); raw = the last step's weights."),
-                io.Boolean.Input("gradient_checkpointing", default=False,
-                                 tooltip="Recompute activations per decoder block: much less memory, ~30 % slower."),
-                io.Boolean.Input("posthoc_ema", default=False, optional=True,  # optional: older prompts lack it
-                                 tooltip="Keep snapshots of two power-function EMAs (EDM2) in the training_state, so Post-hoc "
-                                         "EMA can rebuild the decoder for any EMA length afterwards. Costs up to 34 fp16 "
-                                         "copies of the decoder in memory (TAEF2 ~0.1 GB, SD kl-f8 ~3.4 GB)."),
-                TrainingState.Input("training_state", optional=True,
-                                    tooltip="Continue from an earlier Decoder Finetune Steps (same VAE). Its steps count on: "
-                                            "schedules and crops follow the global step."),
+                inputs.images(),
+                inputs.folder(default=""),
+                inputs.recipe(),
+                io.Int.Input(
+                    "steps",
+                    default=200,
+                    min=1,
+                    max=1_000_000,
+                    tooltip="Optimiser steps in this node. On a GPU, thousands; on a CPU, ~3 s per step for TAEF2 at "
+                    "batch 8, 128 px.",
+                ),
+                inputs.batch_size(),
+                inputs.crop_size(),
+                inputs.learning_rate(),
+                inputs.seed(),
+                inputs.held_out_fraction(),
+                io.Combo.Input(
+                    "output_weights",
+                    options=WEIGHTS,
+                    default="ema",
+                    tooltip="ema = the exponential moving average of the weights (smoother, what the recipes "
+                    "publish); raw = the last step's weights.",
+                ),
+                inputs.gradient_checkpointing(optional=False),
+                io.Boolean.Input(
+                    "posthoc_ema",
+                    default=False,
+                    optional=True,  # optional: older prompts lack it
+                    tooltip="Keep snapshots of two power-function EMAs (EDM2) in the training_state, so Post-hoc "
+                    "EMA can rebuild the decoder for any EMA length afterwards. Costs up to 34 fp16 "
+                    "copies of the decoder in memory (TAEF2 ~0.1 GB, SD kl-f8 ~3.4 GB).",
+                ),
+                inputs.training_state(
+                    "Continue from an earlier Decoder Finetune Steps (same VAE). Its steps count "
+                    "on: schedules and crops follow the global step."
+                ),
             ],
             outputs=[
-                io.Vae.Output("finetuned_vae", display_name="VAE", tooltip="The VAE with the finetuned decoder (same encoder)."),
-                TrainingState.Output("state", display_name="training_state",
-                                     tooltip="Weights, optimiser, critic, EMA and history so far: connect to another "
-                                             "Decoder Finetune Steps to continue, or to Save Finetuned VAE for its metadata."),
-                io.Image.Output("loss_curve", display_name="loss curve", tooltip="Loss and held-out PSNR over the steps."),
+                io.Vae.Output(
+                    "finetuned_vae", display_name="VAE", tooltip="The VAE with the finetuned decoder (same encoder)."
+                ),
+                TrainingState.Output(
+                    "state",
+                    display_name="training_state",
+                    tooltip="Weights, optimiser, critic, EMA and history so far: connect to another "
+                    "Decoder Finetune Steps to continue, or to Save Finetuned VAE for its metadata.",
+                ),
+                io.Image.Output(
+                    "loss_curve", display_name="loss curve", tooltip="Loss and held-out PSNR over the steps."
+                ),
                 io.String.Output("summary", display_name="summary", tooltip="The text shown on the node."),
             ],
         )
 
     @classmethod
-    def execute(cls, vae, folder, recipe, steps, batch_size, crop_size, learning_rate, seed, held_out_fraction,
-                output_weights, gradient_checkpointing, posthoc_ema=False, images=None, training_state=None) -> io.NodeOutput:
+    def execute(
+        cls,
+        vae,
+        folder,
+        recipe,
+        steps,
+        batch_size,
+        crop_size,
+        learning_rate,
+        seed,
+        held_out_fraction,
+        output_weights,
+        gradient_checkpointing,
+        posthoc_ema=False,
+        images=None,
+        training_state=None,
+    ) -> io.NodeOutput:
         import comfy.model_management as mm
         import comfy.utils
         import torch
 
         train, held, held_names, source = training_images(images, folder, seed, held_out_fraction, crop_size)
         if not train:
-            raise ValueError("Decoder Finetune Steps: no training images left after the held-out split; lower "
-                             "held_out_fraction or add images")
-        lpips = perceptual.lpips_if_available(recipes.RECIPES[recipe].lpips_net) if recipes.RECIPES[recipe].uses_lpips else None
+            raise ValueError(
+                "Decoder Finetune Steps: no training images left after the held-out split; lower "
+                "held_out_fraction or add images"
+            )
+        lpips = (
+            perceptual.lpips_if_available(recipes.RECIPES[recipe].lpips_net)
+            if recipes.RECIPES[recipe].uses_lpips
+            else None
+        )
         chosen, note = recipes.resolve_recipe(recipe, lpips is not None)
         if note:
             logging.warning("VAE Lab Decoder Finetune Steps: %s", note)
         if learning_rate > 0:
-            chosen = finetune.recipe_with(chosen, lr=learning_rate)
-        config = finetune.FinetuneConfig(batch_size=batch_size, crop_size=crop_size, seed=seed,
-                                         gradient_checkpointing=gradient_checkpointing, posthoc_ema=posthoc_ema)
+            chosen = recipes.recipe_with(chosen, lr=learning_rate)
+        config = finetune.FinetuneConfig(
+            batch_size=batch_size,
+            crop_size=crop_size,
+            seed=seed,
+            gradient_checkpointing=gradient_checkpointing,
+            posthoc_ema=posthoc_ema,
+        )
         mm.unload_all_models()  # as core's LoRA trainer does: the decoder gets the memory
         mm.soft_empty_cache()
         device = training_device()
@@ -186,14 +241,24 @@ class DecoderFinetuneSteps(io.ComfyNode):
         encode = host_encoder(vae)
         progress = comfy.utils.ProgressBar(steps)
         with torch.inference_mode(False), torch.enable_grad():
-            held_out = finetune.encode_held_out(held, held_names, encode, size=256) if held else None
-            with finetune.LatentCache(train, crop_size, config.crops_per_image, seed, encode) as cache:
-                try:
-                    run = finetune.DecoderFinetune(model, chosen, config, cache, held_out,
-                                                   lpips.to(device) if chosen.uses_lpips else None, training_state, device)
-                except finetune.FinetuneError as exc:
-                    raise ValueError(f"Decoder Finetune Steps: {exc}") from exc
-                sample = _preview_sample(run, cache, held_out)
+            try:
+                training = TrainingRun(
+                    model,
+                    chosen,
+                    config,
+                    train,
+                    encode,
+                    held_out_images=held,
+                    held_out_names=held_names,
+                    lpips=lpips.to(device) if chosen.uses_lpips else None,
+                    state=training_state,
+                    device=device,
+                )
+            except finetune.FinetuneError as exc:
+                raise ValueError(f"Decoder Finetune Steps: {exc}") from exc
+            with training:
+                run = training.trainer
+                sample = _preview_sample(run, training.cache, training.held_out)
                 every = max(1, steps // 25)
                 done = {"n": 0}
 
@@ -204,20 +269,27 @@ class DecoderFinetuneSteps(io.ComfyNode):
                     progress.update_absolute(done["n"], steps, preview)
 
                 try:
-                    run.run(steps, on_step=on_step)
+                    training.run(steps, on_step=on_step)
                 except torch.cuda.OutOfMemoryError as exc:
                     raise RuntimeError(
-                        f"Decoder Finetune Steps ran out of GPU memory at batch_size {batch_size}, crop_size {crop_size}: "
-                        "lower batch_size or crop_size, or turn on gradient_checkpointing") from exc
+                        f"Decoder Finetune Steps ran out of GPU memory at batch_size {batch_size}, "
+                        f"crop_size {crop_size}: lower batch_size or crop_size, or turn on gradient_checkpointing"
+                    ) from exc
                 state = run.state_dict()
                 tuned = run.decoder_tensors(use_ema=output_weights == "ema")
                 curve = loss_curve(run)
                 text, values = summary_text(run, note, source, output_weights)
         new_vae = vae_with_decoder(vae, family, tuned, scale, shift)
-        new_vae.vae_lab_training = {"recipe": chosen.as_dict(), "steps": run.step, "images_seen": run.images_seen,
-                                    "output_weights": output_weights, "held_out": values.get("held_out"),
-                                    "base_held_out": values.get("base"), "family": family,
-                                    "base": getattr(vae, "vae_lab_source", None)}
+        new_vae.vae_lab_training = {
+            "recipe": chosen.as_dict(),
+            "steps": run.step,
+            "images_seen": run.images_seen,
+            "output_weights": output_weights,
+            "held_out": values.get("held_out"),
+            "base_held_out": values.get("base"),
+            "family": family,
+            "base": getattr(vae, "vae_lab_source", None),
+        }
         new_vae.vae_lab_source = getattr(vae, "vae_lab_source", None)
         return io.NodeOutput(new_vae, state, comfy_from_images01(curve[None]), text, ui=summary_ui(text, values))
 

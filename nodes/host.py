@@ -3,6 +3,7 @@
 ComfyUI IMAGE tensors are (B, H, W, 3) float in [0, 1], created under ``torch.inference_mode()``;
 ``training`` works on (B, 3, H, W). Everything that touches ``comfy`` or ``folder_paths`` lives here.
 """
+
 from __future__ import annotations
 
 import os
@@ -34,7 +35,8 @@ def register_model_folders() -> None:
     if DECODERS_FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths[DECODERS_FOLDER] = (
             [os.path.join(folder_paths.models_dir, DECODERS_FOLDER), os.path.join(output, DECODERS_FOLDER)],
-            set(folder_paths.supported_pt_extensions))
+            set(folder_paths.supported_pt_extensions),
+        )
 
 
 def images01_from_comfy(image: torch.Tensor, name: str) -> torch.Tensor:

@@ -13,6 +13,7 @@ Our modules' state-dict keys contain none of the host's detection keys (``taesd_
 ``decoder.conv_in.weight``...), so if core VAESave writes such a VAE, core VAELoader refuses the file
 as "invalid" instead of silently dropping the branch it does not know; VAE Lab's loaders read it back.
 """
+
 from __future__ import annotations
 
 import copy
@@ -20,7 +21,7 @@ import copy
 import torch
 from torch import nn
 
-from ..training import layouts
+from ..training import key_maps, layouts
 from ..training.klf8 import config_from_state_dict
 from ..training.layouts import KL, STAGE_A, TINY
 from ..training.vae_files import (
@@ -105,7 +106,8 @@ def check_host_can_build_kl(tensors: dict[str, torch.Tensor], source: str) -> No
         raise VaeFileError(
             f"{source}: a kl VAE with {cfg.z_channels} latent channels, ch {cfg.ch}, ch_mult {list(cfg.ch_mult)}: "
             "ComfyUI builds only the SD/SDXL (4-channel) and SD3/FLUX.1 (16-channel) kl-f8 and the x4 upscaler's "
-            "kl-f4, so it cannot run this file")
+            "kl-f4, so it cannot run this file"
+        )
 
 
 def native_vae(family: str, tensors: dict[str, torch.Tensor], source: str):
@@ -114,20 +116,24 @@ def native_vae(family: str, tensors: dict[str, torch.Tensor], source: str):
         check_host_can_build_kl(tensors, source)
     vae = _host_vae(tensors)
     if not _holds_exactly(vae.first_stage_model, tensors):
-        raise VaeFileError(f"{source}: ComfyUI built a VAE whose tensors differ from the file's; "
-                           "please report this file's layout to VAE Lab")
+        raise VaeFileError(
+            f"{source}: ComfyUI built a VAE whose tensors differ from the file's; "
+            "please report this file's layout to VAE Lab"
+        )
     return vae
 
 
 def tiny_vae(tensors: dict[str, torch.Tensor], latent_scale: float, latent_shift: float):
     """The host's own TAESD when it holds exactly these tensors (TAEF2 on a host that knows it,
     every older variant); else the host's TAESD shell running our module."""
-    host_sd = layouts.comfy_from_tiny(tensors, latent_scale, latent_shift)
+    host_sd = key_maps.comfy_from_tiny(tensors, latent_scale, latent_shift)
     vae = _host_vae(host_sd)
     if _holds_exactly(vae.first_stage_model, host_sd):
         return vae, "built by ComfyUI"
     model = build_autoencoder(TINY, tensors, latent_scale, latent_shift)
-    return _with_module(vae, HostConvention(model)), "ComfyUI's TAESD VAE running VAE Lab's module (the host lacks this variant)"
+    return _with_module(
+        vae, HostConvention(model)
+    ), "ComfyUI's TAESD VAE running VAE Lab's module (the host lacks this variant)"
 
 
 def full_vae(family: str, tensors: dict[str, torch.Tensor], latent_scale: float, latent_shift: float, source: str):
@@ -159,8 +165,10 @@ def vae_from_pairing(pairing: Pairing, latent_scale: float = 1.0, latent_shift: 
     if base_vae is None:
         raise VaeFileError(f"{decoder.source}: a hybrid needs the base as a ComfyUI VAE")
     if decoder.family == STAGE_A:
-        raise VaeFileError(f"{decoder.source}: a Stable Cascade stage A decoder pairs only with a stage A encoder; "
-                           "connect a stage A VAE as the base")
+        raise VaeFileError(
+            f"{decoder.source}: a Stable Cascade stage A decoder pairs only with a stage A encoder; "
+            "connect a stage A VAE as the base"
+        )
     _, decoder_half = layouts.split_parts(decoder.detected)
     if decoder.family == KL:
         check_host_can_build_kl(decoder_half, decoder.source)
@@ -168,8 +176,10 @@ def vae_from_pairing(pairing: Pairing, latent_scale: float = 1.0, latent_shift: 
     else:
         ratio = 8
     if base_vae.spacial_compression_encode() != ratio:
-        raise VaeFileError(f"{decoder.source}: upsamples {ratio}x but the base encoder downsamples "
-                           f"{base_vae.spacial_compression_encode()}x: different latent spaces")
+        raise VaeFileError(
+            f"{decoder.source}: upsamples {ratio}x but the base encoder downsamples "
+            f"{base_vae.spacial_compression_encode()}x: different latent spaces"
+        )
     decoder_side = HostConvention(build_autoencoder(decoder.family, decoder_half, latent_scale, latent_shift))
     vae = _with_module(base_vae, HybridAutoencoder(_encoder_side(base_vae), decoder_side))
     vae.upscale_ratio = ratio
@@ -185,8 +195,15 @@ def base_weights(base_vae) -> VaeWeights | None:
         return None
 
 
-def assemble(decoder: VaeWeights, *, base_vae=None, base: VaeWeights | None = None, use_base_encoder: bool = False,
-             latent_scale: float = 1.0, latent_shift: float = 0.0) -> tuple[object, list[str]]:
+def assemble(
+    decoder: VaeWeights,
+    *,
+    base_vae=None,
+    base: VaeWeights | None = None,
+    use_base_encoder: bool = False,
+    latent_scale: float = 1.0,
+    latent_shift: float = 0.0,
+) -> tuple[object, list[str]]:
     """(VAE, what was done) for a decoder file plus an optional base (a connected VAE or a file)."""
     base_latent_channels = None
     allow_merge = True
@@ -196,7 +213,9 @@ def assemble(decoder: VaeWeights, *, base_vae=None, base: VaeWeights | None = No
         if base is not None and base.family == TINY:
             # one module holds one latent scale: merge two TAESD halves only when they agree on it
             allow_merge = base.detected.latent_scale is not None and (
-                abs(base.detected.latent_scale - latent_scale) < 1e-6 and abs(base.detected.latent_shift - latent_shift) < 1e-6)
+                abs(base.detected.latent_scale - latent_scale) < 1e-6
+                and abs(base.detected.latent_shift - latent_shift) < 1e-6
+            )
     pairing = pair_with_base(decoder, base, base_latent_channels, use_base_encoder, allow_merge)
     vae, how = vae_from_pairing(pairing, latent_scale, latent_shift, base_vae)
     return vae, pairing.notes + [how]
@@ -211,8 +230,9 @@ def weights_or_refusal(vae, purpose: str) -> VaeWeights:
     try:
         return weights_from_state_dict(weights_of(vae), "the connected VAE")
     except VaeFileError as exc:
-        raise VaeFileError(f"{purpose} works on kl-f8 (SD/SDXL/SD3/FLUX.1), TAESD-family and Stable Cascade stage A "
-                           f"VAEs: {exc}") from exc
+        raise VaeFileError(
+            f"{purpose} works on kl-f8 (SD/SDXL/SD3/FLUX.1), TAESD-family and Stable Cascade stage A VAEs: {exc}"
+        ) from exc
 
 
 def latent_scale_shift(vae, weights: VaeWeights) -> tuple[float, float]:
@@ -234,12 +254,15 @@ def trainable_decoder(vae, purpose: str = "Decoder finetuning"):
     _, decoder_half = layouts.split_parts(weights.detected)
     scale, shift = latent_scale_shift(vae, weights)
     with torch.inference_mode(False):
-        model = build_autoencoder(weights.family, {k: v.detach().clone() for k, v in decoder_half.items()}, scale, shift)
+        model = build_autoencoder(
+            weights.family, {k: v.detach().clone() for k, v in decoder_half.items()}, scale, shift
+        )
     return model, weights.family, scale, shift
 
 
 def host_encoder(vae):
     """images01 (B, 3, H, W) -> raw latents through the VAE's own (frozen) encoder, as VAEEncode does."""
+
     def encode(images01: torch.Tensor) -> torch.Tensor:
         with torch.inference_mode():
             latents = vae.encode(images01.detach().movedim(1, -1).cpu())
@@ -248,8 +271,9 @@ def host_encoder(vae):
     return encode
 
 
-def vae_with_decoder(vae, family: str, decoder_tensors: dict[str, torch.Tensor], latent_scale: float = 1.0,
-                     latent_shift: float = 0.0):
+def vae_with_decoder(
+    vae, family: str, decoder_tensors: dict[str, torch.Tensor], latent_scale: float = 1.0, latent_shift: float = 0.0
+):
     """A new VAE: ``vae``'s encoder with ``decoder_tensors`` (canonical keys) as its decoding half."""
     weights = weights_or_refusal(vae, "Replacing a decoder")
     if weights.family == family and weights.detected.has_encoder:

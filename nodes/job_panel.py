@@ -10,6 +10,7 @@ Routes (also under ``/api``):
 Events: ``vae_lab.job`` with ``{"job", "summary", "rows"}`` (the metrics rows appended since the last event) or
 ``{"job", "deleted": true}``. The panel applies them to what the routes gave it on page load.
 """
+
 from __future__ import annotations
 
 import logging
@@ -100,7 +101,9 @@ def register_routes(server) -> None:
                     _tails.pop(name, None)
                 return web.json_response({"job": name, "deleted": True})
             else:
-                return web.json_response({"error": f"unknown action {action!r}: stop, pause, resume or delete"}, status=400)
+                return web.json_response(
+                    {"error": f"unknown action {action!r}: stop, pause, resume or delete"}, status=400
+                )
         except jobs.JobError as exc:
             return web.json_response({"error": str(exc)}, status=409)
         return web.json_response(jobs.job_summary(folder))

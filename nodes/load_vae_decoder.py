@@ -39,8 +39,10 @@ def _vae_path(name: str) -> str | None:
 def _vae_path_or_raise(name: str) -> str:
     path = _vae_path(name)
     if path is None:
-        raise FileNotFoundError(f"Load VAE Decoder: {name!r} is not in models/vae or models/vae_decoders any more; "
-                                "refresh (press R) and pick again")
+        raise FileNotFoundError(
+            f"Load VAE Decoder: {name!r} is not in models/vae or models/vae_decoders any more; "
+            "refresh (press R) and pick again"
+        )
     return path
 
 
@@ -63,26 +65,48 @@ class LoadVAEDecoder(io.ComfyNode):
                 "VAE. The result plugs into any VAE input."
             ),
             inputs=[
-                io.Combo.Input("vae_name", options=files,
-                               tooltip="A file in models/vae: a full VAE, a decoder-only finetune, or a whole SD checkpoint "
-                                       "(its VAE is taken). .safetensors preferred; .pt/.pth/.ckpt/.bin load only as plain "
-                                       "tensors (pickled code is refused)."),
-                io.Combo.Input("encoder", options=ENCODER_CHOICES, default=ENCODER_CHOICES[0],
-                               tooltip="'from this file' uses the file's own encoder (a decoder-only file always uses the "
-                                       "base's). 'from base' pairs this decoder with the base's encoder, so several "
-                                       "decoders can be compared on identical latents."),
-                io.Combo.Input("base_file", options=[NO_BASE] + files, default=NO_BASE,
-                               tooltip="A full kl VAE from models/vae that supplies the encoder for a decoder-only file "
-                                       "(e.g. the VAE the decoder was finetuned from). Leave at (none) when base_vae is "
-                                       "connected or the file has its own encoder."),
-                io.Vae.Input("base_vae", optional=True,
-                             tooltip="Any loaded VAE of the same latent space that supplies the encoder (instead of "
-                                     "base_file), e.g. from Load Checkpoint or Load VAE."),
+                io.Combo.Input(
+                    "vae_name",
+                    options=files,
+                    tooltip="A file in models/vae: a full VAE, a decoder-only finetune, or a whole SD checkpoint "
+                    "(its VAE is taken). .safetensors preferred; .pt/.pth/.ckpt/.bin load only as plain "
+                    "tensors (pickled code is refused).",
+                ),
+                io.Combo.Input(
+                    "encoder",
+                    options=ENCODER_CHOICES,
+                    default=ENCODER_CHOICES[0],
+                    tooltip="'from this file' uses the file's own encoder (a decoder-only file always uses the "
+                    "base's). 'from base' pairs this decoder with the base's encoder, so several "
+                    "decoders can be compared on identical latents.",
+                ),
+                io.Combo.Input(
+                    "base_file",
+                    options=[NO_BASE] + files,
+                    default=NO_BASE,
+                    tooltip="A full kl VAE from models/vae that supplies the encoder for a decoder-only file "
+                    "(e.g. the VAE the decoder was finetuned from). Leave at (none) when base_vae is "
+                    "connected or the file has its own encoder.",
+                ),
+                io.Vae.Input(
+                    "base_vae",
+                    optional=True,
+                    tooltip="Any loaded VAE of the same latent space that supplies the encoder (instead of "
+                    "base_file), e.g. from Load Checkpoint or Load VAE.",
+                ),
             ],
             outputs=[
-                io.Vae.Output("vae", display_name="VAE", tooltip="A ComfyUI VAE for VAE Decode/Encode (Tiled) and every VAE input."),
-                io.String.Output("info", display_name="info", tooltip="What was loaded: family, latent channels, parameters, dtype, "
-                                                                      "where the encoder came from, and the file's metadata."),
+                io.Vae.Output(
+                    "vae",
+                    display_name="VAE",
+                    tooltip="A ComfyUI VAE for VAE Decode/Encode (Tiled) and every VAE input.",
+                ),
+                io.String.Output(
+                    "info",
+                    display_name="info",
+                    tooltip="What was loaded: family, latent channels, parameters, dtype, "
+                    "where the encoder came from, and the file's metadata.",
+                ),
             ],
         )
 
@@ -94,19 +118,24 @@ class LoadVAEDecoder(io.ComfyNode):
     @classmethod
     def execute(cls, vae_name, encoder, base_file, base_vae=None) -> io.NodeOutput:
         if base_file != NO_BASE and base_vae is not None:
-            raise ValueError("Load VAE Decoder: both base_file and base_vae are set; set base_file to (none) or "
-                             "disconnect base_vae")
+            raise ValueError(
+                "Load VAE Decoder: both base_file and base_vae are set; set base_file to (none) or disconnect base_vae"
+            )
         decoder = open_vae_file(_vae_path_or_raise(vae_name))
         if decoder.family != KL:
-            raise VaeFileError(f"{vae_name}: this is a {decoder.detected.family_name} file, not a kl-f8 VAE; "
-                               f"load it with {LOADER_OF_FAMILY[decoder.family]}")
+            raise VaeFileError(
+                f"{vae_name}: this is a {decoder.detected.family_name} file, not a kl-f8 VAE; "
+                f"load it with {LOADER_OF_FAMILY[decoder.family]}"
+            )
         lines = describe_weights(decoder)
         base = None
         if base_file != NO_BASE:
             base = open_vae_file(_vae_path_or_raise(base_file))
             if base.family != KL:
-                raise VaeFileError(f"base_file {base_file}: a {base.detected.family_name} file; base_file takes a kl VAE. "
-                                   "For another family's encoder, load it and connect it as base_vae")
+                raise VaeFileError(
+                    f"base_file {base_file}: a {base.detected.family_name} file; base_file takes a kl VAE. "
+                    "For another family's encoder, load it and connect it as base_vae"
+                )
             lines += describe_weights(base)
         vae, notes = assemble(decoder, base_vae=base_vae, base=base, use_base_encoder=encoder == "from base")
         lines += ["VAE: " + "; ".join(notes)]

@@ -1,6 +1,7 @@
 """Comparison, merge and post-hoc EMA (host-free), against independent computations: scikit-image for the metrics,
 numpy on the saved files for the merge, a directly tracked power-function EMA for post-hoc EMA, and a ranking that
 must hold on real images with the real TAEF2."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 from test_finetune import photos, run_of, taef2_model
 
-from training import compare, finetune, recipes
+from training import compare, finetune, posthoc, recipes
 from training.compare import LatentSpace
 from training.latent_cache import LatentCache
 
@@ -49,10 +50,16 @@ def test_metrics_agree_with_scikit_image_and_the_real_decoder_outranks_a_perturb
     result = compare.compare_reconstructions(images, outputs)
     for label, out in outputs.items():
         for i in range(images.shape[0]):
-            ours, ref = out[i].clamp(0, 1).permute(1, 2, 0).double().numpy(), images[i].permute(1, 2, 0).double().numpy()
-            assert float(result.per_image[label]["psnr"][i]) == pytest.approx(peak_signal_noise_ratio(ref, ours, data_range=1), abs=1e-3)
-            ssim = structural_similarity(ref, ours, channel_axis=2, data_range=1, gaussian_weights=True, sigma=1.5,
-                                         use_sample_covariance=False)
+            ours, ref = (
+                out[i].clamp(0, 1).permute(1, 2, 0).double().numpy(),
+                images[i].permute(1, 2, 0).double().numpy(),
+            )
+            assert float(result.per_image[label]["psnr"][i]) == pytest.approx(
+                peak_signal_noise_ratio(ref, ours, data_range=1), abs=1e-3
+            )
+            ssim = structural_similarity(
+                ref, ours, channel_axis=2, data_range=1, gaussian_weights=True, sigma=1.5, use_sample_covariance=False
+            )
             assert float(result.per_image[label]["ssim"][i]) == pytest.approx(ssim, abs=1e-4)
     summary = result.summary()
     good, bad = summary["taef2"], summary["taef2 perturbed"]
@@ -91,7 +98,9 @@ def test_captions_spell_out_what_the_built_in_font_cannot_draw():
     assert visualize.drawable("ΔE → modèle² × ±") == "dE -> modele2 x ±"
     font = ImageFont.load_default()
     missing = bytes(font.getmask("\ue000"))  # the font's empty box
-    assert all(bytes(font.getmask(c)) != missing for c in visualize.drawable("ΔE Žluťoučký kůň, Ωmega, 東京 →") if c != " ")
+    assert all(
+        bytes(font.getmask(c)) != missing for c in visualize.drawable("ΔE Žluťoučký kůň, Ωmega, 東京 →") if c != " "
+    )
     blank = torch.zeros(3, 4, 120)
     drawn = Image.new("RGB", (120, 18), (24, 24, 24))
     ImageDraw.Draw(drawn).text((4, 3), "dE finetuned", fill=(235, 235, 235))
@@ -110,14 +119,16 @@ def test_crop_to_multiple_matches_comfyui_centre_crop():
 
 def test_decode_statistics_see_clipping_detail_and_colour():
     flat = torch.full((1, 3, 32, 32), 0.5)
-    noisy = (flat + 0.2 * torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    noisy = flat + 0.2 * torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     overshoot = flat.clone()
     overshoot[:, :, :8] = 1.2
-    stats = {name: compare.decode_statistics(x) for name, x in (("flat", flat), ("noisy", noisy), ("overshoot", overshoot))}
+    stats = {
+        name: compare.decode_statistics(x) for name, x in (("flat", flat), ("noisy", noisy), ("overshoot", overshoot))
+    }
     assert float(stats["flat"]["detail_energy"]) == pytest.approx(0, abs=1e-9)
     assert float(stats["noisy"]["detail_energy"]) > 1e-3
     assert float(stats["overshoot"]["out_of_range"]) == pytest.approx(0.25)
-    assert float(stats["flat"]["mean_L"]) == pytest.approx(0.59818, abs=1e-4)  # 50 % grey (TRAINING.md)
+    assert float(stats["flat"]["mean_L"]) == pytest.approx(0.59818, abs=1e-4)  # Oklab L of sRGB 50 % grey
     assert float(stats["flat"]["mean_chroma"]) == pytest.approx(0, abs=1e-6)
     table = compare.latent_table(stats)
     assert "| overshoot |" in table and "25.00 %" in table
@@ -128,7 +139,9 @@ def test_decode_statistics_see_clipping_detail_and_colour():
 
 
 def trained_decoder(seed: int) -> dict[str, torch.Tensor]:
-    run = run_of(taef2_model(), steps=2, seed=seed, crop=32, lr=1e-3, warmup_steps=0, base_decay=0.0)  # two decoders that really differ
+    run = run_of(
+        taef2_model(), steps=2, seed=seed, crop=32, lr=1e-3, warmup_steps=0, base_decay=0.0
+    )  # two decoders that really differ
     return run.decoder_tensors(use_ema=False)
 
 
@@ -174,9 +187,13 @@ def test_posthoc_ema_reproduces_a_directly_tracked_power_ema():
     """Train with snapshots on, and beside it track a power-function EMA of another length (sigma_rel 0.08, not one
     of the two saved) by its textbook update; the reconstruction from snapshots must land close to it."""
     model = taef2_model()
-    config = finetune.FinetuneConfig(batch_size=1, crop_size=32, crops_per_image=4, posthoc_ema=True, posthoc_snapshots=16)
-    recipe = finetune.recipe_with(recipes.RECIPES["furception-nolpips"], lr=3e-4, warmup_steps=0, base_decay=0.0)  # no pull: the EMAs must spread
-    gamma = finetune.sigma_rel_to_gamma(0.08)
+    config = finetune.FinetuneConfig(
+        batch_size=1, crop_size=32, crops_per_image=4, posthoc_ema=True, posthoc_snapshots=16
+    )
+    recipe = recipes.recipe_with(
+        recipes.RECIPES["furception-nolpips"], lr=3e-4, warmup_steps=0, base_decay=0.0
+    )  # no pull: the EMAs must spread
+    gamma = posthoc.sigma_rel_to_gamma(0.08)
     steps = 96
     with LatentCache(photos(), 32, 4, 0, model.encode) as cache:
         run = finetune.DecoderFinetune(model, recipe, config, cache, None)
@@ -189,22 +206,24 @@ def test_posthoc_ema_reproduces_a_directly_tracked_power_ema():
             for k, p in run.params.items():
                 tracked[k] = beta * tracked[k] + (1 - beta) * p.detach().double()
 
-        run.run(steps, on_step=track)
+        for _ in range(steps):
+            run.train_step()
+            track(None)
         raw_end = {k: p.detach().double().clone() for k, p in run.params.items()}
         snapshots = run.posthoc.snapshots
     assert {s["step"] for s in snapshots} and max(s["step"] for s in snapshots) == steps
-    rebuilt = compare.posthoc_ema(snapshots, 0.08, steps)
+    rebuilt = posthoc.posthoc_ema(snapshots, 0.08, steps)
     error = sum(float((rebuilt[k].double() - tracked[k]).pow(2).sum()) for k in tracked) ** 0.5
     ema_vs_raw = sum(float((raw_end[k] - tracked[k]).pow(2).sum()) for k in tracked) ** 0.5
     moved = sum(float((raw_end[k] - raw_start[k]).pow(2).sum()) for k in tracked) ** 0.5
     assert ema_vs_raw > 0.05 * moved  # the EMA is really behind the raw weights: the test can tell them apart
     assert error < 0.1 * ema_vs_raw, (error, ema_vs_raw)
     with pytest.raises(ValueError, match="between 0.01 and 0.3"):
-        compare.posthoc_ema(snapshots, 0.5)
+        posthoc.posthoc_ema(snapshots, 0.5)
     reference = torch.from_numpy(photos(("grass.png",))[0][:64, :64]).permute(2, 0, 1)[None]
     with torch.no_grad():
         latents = model.encode(reference)
-    rows = compare.posthoc_table(model, snapshots, [0.05, 0.1, 0.05], latents, reference, chosen=0.1)
+    rows = posthoc.posthoc_table(model, snapshots, [0.05, 0.1, 0.05], latents, reference, chosen=0.1)
     assert list(rows) == ["σ_rel 0.05", "σ_rel 0.1 (chosen)"] and rows["σ_rel 0.05"]["psnr"].shape == (1,)
     assert not torch.equal(rows["σ_rel 0.05"]["psnr"], rows["σ_rel 0.1 (chosen)"]["psnr"])
 
@@ -217,6 +236,8 @@ def test_shared_encoder_refuses_other_spaces_and_warns_on_same_shaped_ones():
     assert (sd.tag, sdxl.tag, flux.tag) == ("SD 1.x/2.x", "SDXL", "FLUX.1")
     assert compare.check_shared_encoder(("sdxl", sdxl), [("sdxl ft", sdxl), ("unknown", LatentSpace(4, 8))]) == []
     warnings = compare.check_shared_encoder(("sdxl", sdxl), [("sd ft", sd)])
-    assert len(warnings) == 1 and "sd ft looks like SD 1.x/2.x but the shared encoder sdxl looks like SDXL" in warnings[0]
+    assert (
+        len(warnings) == 1 and "sd ft looks like SD 1.x/2.x but the shared encoder sdxl looks like SDXL" in warnings[0]
+    )
     with pytest.raises(ValueError, match=r"cannot feed flux \(16 channels, 8x, FLUX.1\), cascade \(4 channels, 4x"):
         compare.check_shared_encoder(("sdxl", sdxl), [("flux", flux), ("cascade", stage_a), ("ok", sd)])

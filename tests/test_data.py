@@ -16,14 +16,23 @@ def _s15(v):
 
 def _matrix_icc_profile(red_xyz, green_xyz, blue_xyz, description=b"swapped test profile"):
     """A minimal ICC v2 RGB matrix/TRC display profile (gamma 2.2), built from the spec by hand."""
+
     def xyz_tag(x):
         return b"XYZ " + b"\0" * 4 + b"".join(_s15(c) for c in x)
 
     curve = b"curv" + b"\0" * 4 + struct.pack(">I", 1) + struct.pack(">H", int(2.2 * 256)) + b"\0\0"
     desc = b"desc" + b"\0" * 4 + struct.pack(">I", len(description) + 1) + description + b"\0"
     desc += b"\0" * 8 + b"\0" * 3 + b"\0" * 67
-    tags = [(b"desc", desc), (b"wtpt", xyz_tag((0.9642, 1.0, 0.8249))), (b"rXYZ", xyz_tag(red_xyz)),
-            (b"gXYZ", xyz_tag(green_xyz)), (b"bXYZ", xyz_tag(blue_xyz)), (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    tags = [
+        (b"desc", desc),
+        (b"wtpt", xyz_tag((0.9642, 1.0, 0.8249))),
+        (b"rXYZ", xyz_tag(red_xyz)),
+        (b"gXYZ", xyz_tag(green_xyz)),
+        (b"bXYZ", xyz_tag(blue_xyz)),
+        (b"rTRC", curve),
+        (b"gTRC", curve),
+        (b"bTRC", curve),
+    ]
     offset = 128 + 4 + 12 * len(tags)
     table, blob = b"", b""
     for sig, payload in tags:
@@ -37,7 +46,11 @@ def _matrix_icc_profile(red_xyz, green_xyz, blue_xyz, description=b"swapped test
     return header + struct.pack(">I", len(tags)) + table + blob
 
 
-SRGB_RED_D50, SRGB_GREEN_D50, SRGB_BLUE_D50 = (0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141)
+SRGB_RED_D50, SRGB_GREEN_D50, SRGB_BLUE_D50 = (
+    (0.4361, 0.2225, 0.0139),
+    (0.3851, 0.7169, 0.0971),
+    (0.1431, 0.0606, 0.7141),
+)
 
 
 def _save(img, path, **kw):
@@ -69,7 +82,7 @@ def test_folder_is_scanned_recursively_with_all_formats(folder):
     assert images.skipped.count == 0
     for i in range(len(images)):
         px = images.image(i)
-        assert px.dtype == np.float32 and px.shape == (80, 100, 3) and 0 <= px.min() and px.max() <= 1
+        assert px.dtype == np.float32 and px.shape == (80, 100, 3) and px.min() >= 0 and px.max() <= 1
 
 
 def test_bad_files_are_skipped_and_counted_never_fatal(folder):
@@ -88,7 +101,13 @@ def test_bad_files_are_skipped_and_counted_never_fatal(folder):
     images = data.ImageFolder(folder, min_side=64)
     assert len(images) == 7
     counts = {reason: len(paths) for reason, paths in images.skipped.by_reason.items()}
-    assert counts == {"truncated or corrupt": 2, "not an image": 1, "empty file": 1, "smaller than the crop": 1, "too large": 1}
+    assert counts == {
+        "truncated or corrupt": 2,
+        "not an image": 1,
+        "empty file": 1,
+        "smaller than the crop": 1,
+        "too large": 1,
+    }
     assert "skipped 6 file(s)" in images.skipped.summary()
 
 
@@ -97,7 +116,11 @@ def test_all_bad_folder_is_a_clear_error(tmp_path):
     Image.new("RGB", (10, 10)).save(tmp_path / "small.png")
     with pytest.raises(data.NoUsableImages) as info:
         data.ImageFolder(tmp_path, min_side=64)
-    assert str(tmp_path) in str(info.value) and "not an image" in str(info.value) and "at least 64 pixels" in str(info.value)
+    assert (
+        str(tmp_path) in str(info.value)
+        and "not an image" in str(info.value)
+        and "at least 64 pixels" in str(info.value)
+    )
     (tmp_path / "emptydir").mkdir()
     with pytest.raises(data.NoUsableImages, match="no png/jpg"):
         data.ImageFolder(tmp_path / "emptydir")

@@ -18,10 +18,31 @@ def test_demo_finetunes_writes_comparison_table_and_a_strict_loadable_decoder(tm
         shutil.copy(os.path.join(ROOT, "assets", "images", name), images / name)
     (images / "broken.png").write_text("not an image")
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--images", str(images), "--out", str(out),
-                             "--size", "128", "--crop", "64", "--batch", "2", "--steps", "3", "--held-out", "0.34"],
-                            capture_output=True, text=True, timeout=300, env={**os.environ, "TORCH_HOME": str(tmp_path / "th")},
-                            check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "demo.py"),
+            "--images",
+            str(images),
+            "--out",
+            str(out),
+            "--size",
+            "128",
+            "--crop",
+            "64",
+            "--batch",
+            "2",
+            "--steps",
+            "3",
+            "--held-out",
+            "0.34",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TORCH_HOME": str(tmp_path / "th")},
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     assert "skipped 1 file(s): 1 not an image" in result.stdout
     assert "furception-nolpips" in result.stdout and "LPIPS" in result.stdout  # the fallback is said out loud
@@ -37,16 +58,31 @@ def test_demo_finetunes_writes_comparison_table_and_a_strict_loadable_decoder(tm
     assert report["unavailable"] == ["lpips_alex", "lpips_vgg"]
     with open(out / "metrics.md") as f:
         assert "| TAEF2 (base) |" in f.read()
-    # madebyollin's layout, strictly: the decoder Sequential's own indices, as taesd.py's TAESD(decoder_path=...) loads it
+    # madebyollin's layout, strictly: the decoder Sequential's own indices, as taesd.py's
+    # TAESD(decoder_path=...) loads it
     from training.taesd import tiny_decoder
 
     decoder = torch.load(out / "taef2_decoder.pth", weights_only=True)
     tiny_decoder(32, midblock_groupnorm=True).load_state_dict(decoder, strict=True)
     original = torch.load(os.path.join(ROOT, "assets", "taef2", "taef2_decoder.pth"), weights_only=True)
-    assert set(decoder) == set(original) and any(not torch.equal(decoder[k].float(), original[k].float()) for k in decoder)
+    assert set(decoder) == set(original) and any(
+        not torch.equal(decoder[k].float(), original[k].float()) for k in decoder
+    )
 
 
 def test_demo_names_a_bad_images_argument(tmp_path):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "demo.py"), "--images", str(tmp_path / "nope"), "--out", str(tmp_path)],
-                            capture_output=True, text=True, timeout=120, check=False)
+    result = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "tools", "demo.py"),
+            "--images",
+            str(tmp_path / "nope"),
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode != 0 and "--images" in result.stderr

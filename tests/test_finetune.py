@@ -1,5 +1,6 @@
 """The trainer (host-free): every family trains, only the decoder moves, runs are reproducible and can be split,
 state and caches behave, nothing non-finite escapes."""
+
 from __future__ import annotations
 
 import os
@@ -8,15 +9,18 @@ import numpy as np
 import pytest
 import torch
 
-from training import finetune, klf8, recipes, stage_a, taesd
+from training import decoders, finetune, klf8, losses, posthoc, recipes, stage_a, taesd
 from training.latent_cache import LatentCache
+from training.run import TrainingRun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAEF2_DIR = os.path.join(ROOT, "assets", "taef2")
 
 
 def taef2_model():
-    return taesd.load_tiny_autoencoder(os.path.join(TAEF2_DIR, "taef2_encoder.pth"), os.path.join(TAEF2_DIR, "taef2_decoder.pth")).eval()
+    return taesd.load_tiny_autoencoder(
+        os.path.join(TAEF2_DIR, "taef2_encoder.pth"), os.path.join(TAEF2_DIR, "taef2_decoder.pth")
+    ).eval()
 
 
 def photos(names=("astronaut.png", "coffee.png")):
@@ -25,16 +29,35 @@ def photos(names=("astronaut.png", "coffee.png")):
     return [load_image01(os.path.join(ROOT, "assets", "images", n)) for n in names]
 
 
-def run_of(model, recipe_name="furception-nolpips", steps=1, batch=1, crop=64, state=None, seed=0, images=None, held=None,
-           pool=4, **overrides):
-    recipe = finetune.recipe_with(recipes.RECIPES[recipe_name], **overrides)
+def run_of(
+    model,
+    recipe_name="furception-nolpips",
+    steps=1,
+    batch=1,
+    crop=64,
+    state=None,
+    seed=0,
+    images=None,
+    held_names=(),
+    pool=4,
+    **overrides,
+):
+    """A TrainingRun (the loop every caller shares) of ``steps`` steps; returns its trainer."""
+    recipe = recipes.recipe_with(recipes.RECIPES[recipe_name], **overrides)
     config = finetune.FinetuneConfig(batch_size=batch, crop_size=crop, seed=seed, crops_per_image=pool)
     images = images if images is not None else photos()
-    cache = LatentCache(images, crop, config.crops_per_image, seed, model.encode)
-    run = finetune.DecoderFinetune(model, recipe, config, cache, held, None, state)
-    run.run(steps)
-    cache.close()
-    return run
+    with TrainingRun(
+        model,
+        recipe,
+        config,
+        images,
+        model.encode,
+        held_out_images=photos(held_names) if held_names else (),
+        held_out_names=held_names,
+        state=state,
+    ) as training:
+        training.run(steps)
+    return training.trainer
 
 
 @pytest.mark.parametrize("family", ["kl-4ch", "kl-16ch", "taef2", "stage-a"])
@@ -54,10 +77,14 @@ def test_each_family_trains_only_its_decoder(family):
     run = run_of(model, gan_start=0)  # the whole recipe: pixel + detail + critic at the adaptive weight
     logs = run.history[-1]
     assert np.isfinite(logs["loss"]) and not logs.get("skipped")
-    assert np.isfinite(logs["gan"]) and logs["gan_weight"] > 0 and np.isfinite(logs["critic"]) and np.isfinite(logs["gp"])
+    assert (
+        np.isfinite(logs["gan"]) and logs["gan_weight"] > 0 and np.isfinite(logs["critic"]) and np.isfinite(logs["gp"])
+    )
     after = model.state_dict()
-    trainable = finetune.decoder_parameters(model)
-    assert trainable and all(k.startswith(("decoder.", "post_quant_conv.", "up_blocks.", "out_block.")) for k in trainable)
+    trainable = decoders.decoder_parameters(model)
+    assert trainable and all(
+        k.startswith(("decoder.", "post_quant_conv.", "up_blocks.", "out_block.")) for k in trainable
+    )
     if family == "stage-a":
         assert sum(p.numel() for p in trainable.values()) == 15_706_842  # up_blocks + out_block of the release
     if family == "kl-4ch":
@@ -96,20 +123,22 @@ def test_state_from_another_decoder_is_refused():
 
 def test_non_finite_steps_are_skipped_and_never_reach_the_weights():
     model = taef2_model()
-    before = {k: v.clone() for k, v in finetune.decoder_parameters(model).items()}
+    before = {k: v.clone() for k, v in decoders.decoder_parameters(model).items()}
 
     def poisoned(images01):
         return model.encode(images01) * float("nan")
 
     cache = LatentCache(photos(), 64, 2, 0, poisoned)
-    run = finetune.DecoderFinetune(model, recipes.RECIPES["furception-nolpips"], finetune.FinetuneConfig(batch_size=1, crop_size=64),
-                                   cache, None)
-    run.run(2)
+    run = finetune.DecoderFinetune(
+        model, recipes.RECIPES["furception-nolpips"], finetune.FinetuneConfig(batch_size=1, crop_size=64), cache, None
+    )
+    for _ in range(2):
+        run.train_step()
     cache.close()
     assert run.skipped_steps == 2 and all(h.get("skipped") for h in run.history)
-    assert all(torch.equal(p, before[k]) for k, p in finetune.decoder_parameters(model).items())
+    assert all(torch.equal(p, before[k]) for k, p in decoders.decoder_parameters(model).items())
     with torch.no_grad():
-        next(iter(finetune.decoder_parameters(model).values())).fill_(float("nan"))
+        next(iter(decoders.decoder_parameters(model).values())).fill_(float("nan"))
     with pytest.raises(finetune.FinetuneError, match="non-finite"):
         run.decoder_tensors(use_ema=False)
 
@@ -144,8 +173,8 @@ def test_recipes_fall_back_visibly_without_lpips():
     assert recipes.resolve_recipe("furception", lpips_available=True) == (recipes.RECIPES["furception"], None)
     with pytest.raises(ValueError, match="ft-mse.*vgg16-397923af.pth"):
         recipes.resolve_recipe("ft-mse", lpips_available=False)
-    with pytest.raises(finetune.FinetuneError, match="unknown recipe field"):
-        finetune.recipe_with(recipes.RECIPES["ft-ema"], learning_rate=1)
+    with pytest.raises(recipes.RecipeError, match="unknown recipe field"):
+        recipes.recipe_with(recipes.RECIPES["ft-ema"], learning_rate=1)
 
 
 def test_pixel_blur_is_the_plain_loss_of_the_output_seen_through_the_fixed_blur():
@@ -156,19 +185,19 @@ def test_pixel_blur_is_the_plain_loss_of_the_output_seen_through_the_fixed_blur(
     taps = np.array([1, 4, 6, 4, 1]) / 16  # reflect padding without repeating the edge = scipy's "mirror"
     blurred = correlate1d(correlate1d(out.double().numpy(), taps, axis=2, mode="mirror"), taps, axis=3, mode="mirror")
     for space in ("rgb", "oklab"):
-        plain = finetune.recipe_with(recipes.RECIPES["furception-nolpips"], pixel_space=space, pixel_blur=0.0)
+        plain = recipes.recipe_with(recipes.RECIPES["furception-nolpips"], pixel_space=space, pixel_blur=0.0)
         seen = torch.from_numpy(0.7 * out.double().numpy() + 0.3 * blurred).float()
-        expected = finetune.pixel_loss(seen, target, plain, 10)
-        got = finetune.pixel_loss(out, target, finetune.recipe_with(plain, pixel_blur=0.3), 10)
+        expected = losses.pixel_loss(seen, target, plain, 10)
+        got = losses.pixel_loss(out, target, recipes.recipe_with(plain, pixel_blur=0.3), 10)
         assert float(got) == pytest.approx(float(expected), rel=1e-5)
     with pytest.raises(ValueError, match="pixel_blur must be in"):
-        finetune.recipe_with(recipes.RECIPES["ft-mse"], pixel_blur=1.0)
+        recipes.recipe_with(recipes.RECIPES["ft-mse"], pixel_blur=1.0)
 
 
 def test_base_decay_pulls_each_step_toward_the_starting_weights_and_survives_a_split():
     plain = run_of(taef2_model(), steps=1, base_decay=0.0)
     model = taef2_model()
-    start = {k: p.detach().clone() for k, p in finetune.decoder_parameters(model).items()}
+    start = {k: p.detach().clone() for k, p in decoders.decoder_parameters(model).items()}
     pulled = run_of(model, steps=1, base_decay=2000.0)
     weight = pulled.lr_at(0) * 2000.0  # step 0's learning rate (warm-up) x base_decay
     assert 0 < weight < 1
@@ -177,22 +206,26 @@ def test_base_decay_pulls_each_step_toward_the_starting_weights_and_survives_a_s
         assert torch.allclose(p.detach(), expected, rtol=0, atol=1e-7), k
     state = pulled.state_dict()
     assert all(torch.equal(state["anchor"][k], start[k]) for k in start)
-    # continued on a VAE whose decoder is not the start (e.g. the first run's output): the pull is still toward the start
+    # continued on a VAE whose decoder is not the start (e.g. the first run's output): the pull is still toward the
+    # start
     other = taef2_model()
     with torch.no_grad():
-        for p in finetune.decoder_parameters(other).values():
+        for p in decoders.decoder_parameters(other).values():
             p.add_(0.01)
     continued = run_of(other, steps=2, state=state, base_decay=2000.0)
     whole = run_of(taef2_model(), steps=3, base_decay=2000.0)  # 1 + 2
     assert all(torch.equal(continued.anchor[k], start[k]) for k in start)
-    assert all(torch.equal(a, b) for a, b in zip(continued.decoder_tensors().values(), whole.decoder_tensors().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(continued.decoder_tensors().values(), whole.decoder_tensors().values())
+    )
     with pytest.raises(ValueError, match="base_decay must be"):
-        finetune.recipe_with(recipes.RECIPES["ft-mse"], base_decay=-1.0)
+        recipes.recipe_with(recipes.RECIPES["ft-mse"], base_decay=-1.0)
 
 
 def test_default_recipe_gains_on_other_domains_without_blurring():
-    """TRAINING.md's trap, measured: a pixel loss alone wins held-out PSNR by blurring (detail ratio ~0.66 on
-    TAEF2). The default no-LPIPS recipe must win PSNR and ΔE on images of other domains and keep the detail."""
+    """The calibration runs' trap (docs/recipes.md), measured: a pixel loss alone wins held-out PSNR by blurring
+    (detail ratio ~0.66 on TAEF2). The default no-LPIPS recipe must win PSNR and ΔE on images of other domains and keep
+    the detail."""
     from training import metrics
 
     held_names = ["hubble_deep_field.jpg", "ihc.png", "retina.jpg"]
@@ -200,12 +233,12 @@ def test_default_recipe_gains_on_other_domains_without_blurring():
     results = {}
     for label, blur in (("default", recipes.RECIPES["furception-nolpips"].pixel_blur), ("no blur", 0.0)):
         model = taef2_model()
-        held = finetune.encode_held_out(photos(held_names), held_names, model.encode, 256)
-        with torch.no_grad():
-            base = metrics.reconstruction_metrics(model.decode(held.latents).clamp(0, 1), held.images01)
-        run = run_of(model, steps=40, batch=8, crop=128, images=train, held=held, pool=16, pixel_blur=blur)
+        run = run_of(model, steps=40, batch=8, crop=128, images=train, held_names=held_names, pool=16, pixel_blur=blur)
+        held = run.held_out  # base: the decoder before training, measured when the run was set up
         tuned = metrics.reconstruction_metrics(run.decode_with(held.latents, use_ema=True), held.images01)
-        results[label] = {k: (float(base[k].mean()), float(tuned[k].mean())) for k in ("psnr", "delta_e", "detail_ratio")}
+        results[label] = {
+            k: (run.base_evaluation[k], float(tuned[k].mean())) for k in ("psnr", "delta_e", "detail_ratio")
+        }
     default, control = results["default"], results["no blur"]
     assert default["psnr"][1] - default["psnr"][0] > 0.3, results  # measured +0.6 dB
     assert default["delta_e"][1] < 0.96 * default["delta_e"][0], results  # measured -7 %
@@ -216,20 +249,22 @@ def test_default_recipe_gains_on_other_domains_without_blurring():
 
 def test_schedules_are_functions_of_the_step():
     recipe = recipes.RECIPES["furception-nolpips"]
-    assert finetune.mse_mix_at(recipe, 0) == pytest.approx(recipe.mse_mix_start)
-    assert finetune.mse_mix_at(recipe, recipe.mse_mix_steps) == pytest.approx(recipe.mse_mix_end)
-    assert finetune.mse_mix_at(recipe, 10**9) == pytest.approx(recipe.mse_mix_end)
+    assert losses.mse_mix_at(recipe, 0) == pytest.approx(recipe.mse_mix_start)
+    assert losses.mse_mix_at(recipe, recipe.mse_mix_steps) == pytest.approx(recipe.mse_mix_end)
+    assert losses.mse_mix_at(recipe, 10**9) == pytest.approx(recipe.mse_mix_end)
 
 
 def test_posthoc_snapshots_stay_bounded_and_spread():
     param = torch.nn.Parameter(torch.zeros(3))
-    snaps = finetune.PowerEmaSnapshots({"w": param}, max_snapshots=4, interval=2)
+    snaps = posthoc.PowerEmaSnapshots({"w": param}, max_snapshots=4, interval=2)
     for t in range(1, 101):
         with torch.no_grad():
             param.fill_(float(t))
         snaps.update(t)
     steps = sorted({s["step"] for s in snaps.snapshots})
-    assert 2 <= len(steps) <= 4 and len(snaps.snapshots) == 2 * len(steps) and steps[-1] >= 64  # evenly thinned, both EMAs
+    assert (
+        2 <= len(steps) <= 4 and len(snaps.snapshots) == 2 * len(steps) and steps[-1] >= 64
+    )  # evenly thinned, both EMAs
     assert all(s["tensors"]["w"].dtype == torch.float16 for s in snaps.snapshots)
     # sigma_rel 0.05 -> gamma ~ 16.97, 0.10 -> ~ 6.94 (EDM2, Table/eq. 3)
     assert snaps.gammas == pytest.approx([16.97, 6.94], abs=0.02)
@@ -242,7 +277,7 @@ def test_gradient_checkpointing_gives_the_same_step():
     config = finetune.FinetuneConfig(batch_size=1, crop_size=64, crops_per_image=4, gradient_checkpointing=True)
     with LatentCache(photos(), 64, 4, 0, model.encode) as cache:
         checkpointed = finetune.DecoderFinetune(model, recipe, config, cache, None)
-        checkpointed.run(1)
+        checkpointed.train_step()
     a, b = plain.decoder_tensors(False), checkpointed.decoder_tensors(False)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     assert set(model.state_dict()) == set(taef2_model().state_dict())  # names unchanged by the patching
@@ -260,12 +295,12 @@ def test_lpips_recipes_train_through_the_lpips_package(tmp_path):
     torch.save(torchvision.models.vgg16(weights=None).state_dict(), path)
     lpips = perceptual.Lpips("vgg", backbone_path=str(path))
     model = taef2_model()
-    before = {k: v.clone() for k, v in finetune.decoder_parameters(model).items()}
+    before = {k: v.clone() for k, v in decoders.decoder_parameters(model).items()}
     config = finetune.FinetuneConfig(batch_size=1, crop_size=64, crops_per_image=2)
     with LatentCache(photos(), 64, 2, 0, model.encode) as cache:
         run = finetune.DecoderFinetune(model, recipes.RECIPES["ft-mse"], config, cache, None, lpips)
-        run.run(1)
+        run.train_step()
     assert np.isfinite(run.history[-1]["lpips"]) and run.history[-1]["lpips"] > 0
-    assert all(not torch.equal(p, before[k]) for k, p in finetune.decoder_parameters(model).items())
+    assert all(not torch.equal(p, before[k]) for k, p in decoders.decoder_parameters(model).items())
     with pytest.raises(finetune.FinetuneError, match="needs an LPIPS module"):
         finetune.DecoderFinetune(taef2_model(), recipes.RECIPES["ft-ema"], config, cache, None, None)

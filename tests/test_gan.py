@@ -26,7 +26,9 @@ def test_gradient_penalty_is_zero_for_unit_gradient_linear_critic():
 def test_gradient_penalty_value_for_a_steeper_critic():
     w = torch.randn(3, 8, 8)
     critic = LinearCritic(3 * w / w.norm())  # gradient norm 3 -> 10 * (3 - 1)^2
-    assert float(gan.gradient_penalty(critic, torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)).detach()) == pytest.approx(40.0, rel=1e-5)
+    assert float(
+        gan.gradient_penalty(critic, torch.rand(2, 3, 8, 8), torch.rand(2, 3, 8, 8)).detach()
+    ) == pytest.approx(40.0, rel=1e-5)
 
 
 def test_gradient_penalty_trains_the_critic():
@@ -38,7 +40,9 @@ def test_gradient_penalty_trains_the_critic():
 def test_r1_penalty_of_linear_critic():
     w = torch.randn(3, 4, 4)
     critic = LinearCritic(w)
-    assert float(gan.r1_penalty(critic, torch.rand(5, 3, 4, 4), gamma=2.0).detach()) == pytest.approx(float(w.pow(2).sum()), rel=1e-5)
+    assert float(gan.r1_penalty(critic, torch.rand(5, 3, 4, 4), gamma=2.0).detach()) == pytest.approx(
+        float(w.pow(2).sum()), rel=1e-5
+    )
 
 
 def test_adaptive_weight_is_the_norm_ratio():
@@ -85,8 +89,12 @@ def test_loss_values_on_known_logits():
     real, fake = torch.tensor([2.0, 0.5]), torch.tensor([-2.0, 0.0])
     assert float(gan.hinge_discriminator_loss(real, fake)) == pytest.approx((0 + 0.5) / 2 + (0 + 1) / 2)
     softplus = torch.nn.functional.softplus
-    assert float(gan.softplus_discriminator_loss(real, fake)) == pytest.approx(float(softplus(-real).mean() + softplus(fake).mean()))
-    assert float(gan.wasserstein_discriminator_loss(real, fake, drift=0.1)) == pytest.approx(-1.0 - 1.25 + 0.1 * (4 + 0.25) / 2)
+    assert float(gan.softplus_discriminator_loss(real, fake)) == pytest.approx(
+        float(softplus(-real).mean() + softplus(fake).mean())
+    )
+    assert float(gan.wasserstein_discriminator_loss(real, fake, drift=0.1)) == pytest.approx(
+        -1.0 - 1.25 + 0.1 * (4 + 0.25) / 2
+    )
     assert float(gan.generator_loss(fake, "hinge")) == pytest.approx(1.0)
     with pytest.raises(ValueError, match="GAN loss"):
         gan.generator_loss(fake, "lsgan")

@@ -34,7 +34,9 @@ def test_zero_for_identical_images_and_positive_otherwise():
 def test_channel_weights_are_normalised():
     ref = torch.rand(1, 3, 8, 8)
     out = (ref + 0.05).clamp(0, 1)
-    assert float(oklab_loss(out, ref, channel_weights=(1, 1, 1))) == pytest.approx(float(oklab_loss(out, ref, channel_weights=(3, 3, 3))))
+    assert float(oklab_loss(out, ref, channel_weights=(1, 1, 1))) == pytest.approx(
+        float(oklab_loss(out, ref, channel_weights=(3, 3, 3)))
+    )
 
 
 def test_defaults_keep_chroma_from_being_swamped(photo_crops, taef2):

@@ -15,7 +15,9 @@ def _hwc(t):
 def pairs(photo_crops, taef2):
     with torch.no_grad():
         recon = taef2.decode(taef2.encode(photo_crops))
-    noisy = (photo_crops + 0.03 * torch.randn(photo_crops.shape, generator=torch.Generator().manual_seed(0))).clamp(0, 1)
+    noisy = (photo_crops + 0.03 * torch.randn(photo_crops.shape, generator=torch.Generator().manual_seed(0))).clamp(
+        0, 1
+    )
     return [(recon, photo_crops), (noisy, photo_crops)]
 
 
@@ -32,8 +34,13 @@ def test_ssim_matches_scikit_image(pairs):
         ours = metrics.ssim(out, ref)
         for i in range(out.shape[0]):
             expected = structural_similarity(
-                _hwc(out[i].clamp(0, 1)), _hwc(ref[i]), data_range=1.0, channel_axis=-1,
-                gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+                _hwc(out[i].clamp(0, 1)),
+                _hwc(ref[i]),
+                data_range=1.0,
+                channel_axis=-1,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
             )
             assert float(ours[i]) == pytest.approx(expected, abs=1e-5)
 

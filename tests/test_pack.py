@@ -1,4 +1,5 @@
 """CI tier checks of the pack as ComfyUI and ComfyUI-Manager see it, without a host."""
+
 from __future__ import annotations
 
 import ast
@@ -20,9 +21,22 @@ def _schema_calls(tree):
             yield node
 
 
+def _shared_inputs() -> dict[str, ast.Call]:
+    """nodes/training_inputs.py: each function's returned ``io.X.Input(...)`` call, by function name."""
+    tree = ast.parse(open(os.path.join(ROOT, "nodes", "training_inputs.py")).read())
+    return {
+        f.name: r.value
+        for f in tree.body
+        if isinstance(f, ast.FunctionDef)
+        for r in ast.walk(f)
+        if isinstance(r, ast.Return) and isinstance(r.value, ast.Call)
+    }
+
+
 def node_schemas() -> list[dict]:
     """Every ``io.Schema(...)`` in nodes/, read from the source: node_id, category expression, description,
-    and the inputs with whether each has a tooltip."""
+    and the inputs with whether each has a tooltip (``inputs.<name>(...)`` read from nodes/training_inputs.py)."""
+    shared = _shared_inputs()
     schemas = []
     for path in sorted(glob.glob(os.path.join(ROOT, "nodes", "*.py"))):
         tree = ast.parse(open(path).read())
@@ -31,20 +45,27 @@ def node_schemas() -> list[dict]:
             inputs = []
             for item in getattr(kw.get("inputs"), "elts", []):
                 if isinstance(item, ast.Call):
+                    if isinstance(item.func, ast.Attribute) and ast.unparse(item.func.value) == "inputs":
+                        item = shared[item.func.attr]
                     item_kw = {k.arg: k.value for k in item.keywords}
                     name = item.args[0].value if item.args and isinstance(item.args[0], ast.Constant) else "?"
                     inputs.append({"name": name, "tooltip": "tooltip" in item_kw})
-            outputs = [item.args[0].value for item in getattr(kw.get("outputs"), "elts", [])
-                       if isinstance(item, ast.Call) and item.args and isinstance(item.args[0], ast.Constant)]
-            schemas.append({
-                "file": os.path.basename(path),
-                "node_id": kw["node_id"].value,
-                "category": ast.unparse(kw["category"]) if "category" in kw else None,
-                "description": "description" in kw,
-                "display_name": "display_name" in kw,
-                "inputs": inputs,
-                "outputs": outputs,
-            })
+            outputs = [
+                item.args[0].value
+                for item in getattr(kw.get("outputs"), "elts", [])
+                if isinstance(item, ast.Call) and item.args and isinstance(item.args[0], ast.Constant)
+            ]
+            schemas.append(
+                {
+                    "file": os.path.basename(path),
+                    "node_id": kw["node_id"].value,
+                    "category": ast.unparse(kw["category"]) if "category" in kw else None,
+                    "description": "description" in kw,
+                    "display_name": "display_name" in kw,
+                    "inputs": inputs,
+                    "outputs": outputs,
+                }
+            )
     return schemas
 
 
@@ -53,13 +74,19 @@ def test_every_node_schema_is_complete():
     assert schemas, "no nodes found"
     for schema in schemas:
         assert schema["node_id"].startswith("VAELab_"), schema["node_id"]
-        assert schema["category"] == "CATEGORY", f"{schema['node_id']}: category must be the shared CATEGORY ('VAE Lab')"
+        assert schema["category"] == "CATEGORY", (
+            f"{schema['node_id']}: category must be the shared CATEGORY ('VAE Lab')"
+        )
         ids = [i["name"] for i in schema["inputs"]] + schema["outputs"]
-        assert len(ids) == len(set(ids)), f"{schema['node_id']}: input and output ids must be unique (the host refuses the node)"
+        assert len(ids) == len(set(ids)), (
+            f"{schema['node_id']}: input and output ids must be unique (the host refuses the node)"
+        )
         assert schema["description"] and schema["display_name"], schema["node_id"]
         for item in schema["inputs"]:
             assert item["tooltip"], f"{schema['node_id']}.{item['name']} has no tooltip"
-        assert os.path.isfile(os.path.join(ROOT, "web", "docs", f"{schema['node_id']}.md")), f"{schema['node_id']}: no help page"
+        assert os.path.isfile(os.path.join(ROOT, "web", "docs", f"{schema['node_id']}.md")), (
+            f"{schema['node_id']}: no help page"
+        )
 
 
 def test_every_node_has_an_example_workflow_and_workflows_are_ui_format():
@@ -67,7 +94,9 @@ def test_every_node_has_an_example_workflow_and_workflows_are_ui_format():
     for path in glob.glob(os.path.join(ROOT, "example_workflows", "*.json")):
         workflow = json.load(open(path))
         assert "nodes" in workflow and "links" in workflow, f"{path}: not UI format"
-        assert any(n["type"] in ("Note", "MarkdownNote") for n in workflow["nodes"]), f"{path}: add a note on using your own files"
+        assert any(n["type"] in ("Note", "MarkdownNote") for n in workflow["nodes"]), (
+            f"{path}: add a note on using your own files"
+        )
         used |= {n["type"] for n in workflow["nodes"]}
     missing = {s["node_id"] for s in node_schemas()} - used
     assert not missing, f"nodes without an example workflow: {missing}"
@@ -77,7 +106,9 @@ def test_every_node_has_an_example_workflow_and_workflows_are_ui_format():
 def test_nodes_are_registered_in_the_extension():
     registered = open(os.path.join(ROOT, "nodes", "__init__.py")).read()
     for schema in node_schemas():
-        class_name = re.search(r"class (\w+)\(io\.ComfyNode\)", open(os.path.join(ROOT, "nodes", schema["file"])).read()).group(1)
+        class_name = re.search(
+            r"class (\w+)\(io\.ComfyNode\)", open(os.path.join(ROOT, "nodes", schema["file"])).read()
+        ).group(1)
         assert class_name in registered, f"{class_name} is not in nodes.NODES"
 
 
@@ -85,15 +116,30 @@ def test_training_library_never_imports_the_host():
     for path in glob.glob(os.path.join(ROOT, "training", "*.py")):
         tree = ast.parse(open(path).read())
         for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else [node.module or ""]
+                if isinstance(node, ast.ImportFrom) and node.level == 0
+                else []
+            )
             for name in names:
-                assert not name.split(".")[0] in {"comfy", "comfy_api", "folder_paths", "nodes", "server", "execution"}, f"{path} imports {name}"
+                assert name.split(".")[0] not in {
+                    "comfy",
+                    "comfy_api",
+                    "folder_paths",
+                    "nodes",
+                    "server",
+                    "execution",
+                }, f"{path} imports {name}"
 
 
 def test_pack_imports_as_comfyui_loads_it_without_shadowing_nodes():
     """ComfyUI imports the pack by file path as a package; outside the host it must import cleanly,
     expose WEB_DIRECTORY, and must not have put the pack root on sys.path."""
-    spec = importlib.util.spec_from_file_location("vae_lab_pack_under_test", os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT])
+    spec = importlib.util.spec_from_file_location(
+        "vae_lab_pack_under_test", os.path.join(ROOT, "__init__.py"), submodule_search_locations=[ROOT]
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     before = list(sys.path)
@@ -108,7 +154,9 @@ def test_packaging_metadata():
     project, comfy = meta["project"], meta["tool"]["comfy"]
     assert project["name"] == "vae-lab" and re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
     with open(os.path.join(ROOT, "nodes", "common.py")) as f:
-        assert f'VERSION = "{project["version"]}"' in f.read(), "nodes/common.py VERSION (written into saved files) != pyproject"
+        assert f'VERSION = "{project["version"]}"' in f.read(), (
+            "nodes/common.py VERSION (written into saved files) != pyproject"
+        )
     assert set(project["dependencies"]) == {"torch", "safetensors", "numpy", "pillow", "lpips", "einops"}
     assert "Repository" in project["urls"]
     assert comfy["DisplayName"] == "VAE Lab" and comfy["PublisherId"] and comfy["Icon"]

@@ -1,5 +1,6 @@
 """CI tier: the sidebar panel's logic (web/vae_lab_jobs_logic.js) under `node --test tests/js` — skipped, and said so,
 on a machine without Node.js 20.19+ (the logic file is an ES module with a .js name)."""
+
 from __future__ import annotations
 
 import os
@@ -23,7 +24,15 @@ def _node() -> str | None:
 
 @pytest.mark.skipif(_node() is None, reason="needs Node.js >= 20.19 for `node --test` (Debian: apt install nodejs)")
 def test_panel_logic_under_node_test():
-    result = subprocess.run([_node(), "--test", os.path.join(ROOT, "tests", "js")], capture_output=True, text=True,
-                            timeout=120, check=False, cwd=ROOT)
+    result = subprocess.run(
+        [_node(), "--test", os.path.join(ROOT, "tests", "js")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=ROOT,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert re.search(r"^# pass [1-9]", result.stdout, re.MULTILINE) and re.search(r"^# fail 0$", result.stdout, re.MULTILINE)
+    assert re.search(r"^# pass [1-9]", result.stdout, re.MULTILINE) and re.search(
+        r"^# fail 0$", result.stdout, re.MULTILINE
+    )

@@ -1,6 +1,7 @@
 """rFID (opt-in, through pytorch-fid): the FID Inception is built from a weights file the user supplies, read with
 weights_only=True (never downloaded); here a random-weight file in the real layout stands in for
 pt_inception-2015-12-05-6726825d.pth."""
+
 from __future__ import annotations
 
 from unittest import mock
@@ -20,8 +21,10 @@ pytest.importorskip("pytorch_fid")
 def weights_file(tmp_path_factory):
     from pytorch_fid import inception as fid_inception
 
-    with mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: {}), \
-         mock.patch("torchvision.models.inception.Inception3.load_state_dict", lambda self, *a, **k: None):
+    with (
+        mock.patch.object(fid_inception, "load_state_dict_from_url", lambda *a, **k: {}),
+        mock.patch("torchvision.models.inception.Inception3.load_state_dict", lambda self, *a, **k: None),
+    ):
         torch.manual_seed(0)
         net = fid_inception.fid_inception_v3()  # the real FID layout, random weights
     path = tmp_path_factory.mktemp("inception") / rfid.WEIGHTS_FILE
@@ -32,7 +35,9 @@ def weights_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def crops():
     arrays = photos(("astronaut.png", "coffee.png", "grass.png", "chelsea.png"))
-    tiles = [torch.from_numpy(a[y : y + 128, x : x + 128]).permute(2, 0, 1) for a in arrays for y, x in ((0, 0), (128, 128))]
+    tiles = [
+        torch.from_numpy(a[y : y + 128, x : x + 128]).permute(2, 0, 1) for a in arrays for y, x in ((0, 0), (128, 128))
+    ]
     return torch.stack(tiles)
 
 

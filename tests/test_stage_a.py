@@ -1,6 +1,7 @@
 """Stable Cascade stage A: our module against diffusers' PaellaVQModel (the independent implementation the
 diffusers Stable Cascade pipeline decodes with) on full-size random weights, every source layout, the lazy read
 from a stage-B checkpoint, and the refusals."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,9 @@ def paella():
 
 def release_layout(diffusers_sd):
     """The Stable Cascade release's (and ComfyUI's) keys: only the codebook's name differs."""
-    return {("vquantizer.codebook.weight" if k == "vquantizer.embedding.weight" else k): v for k, v in diffusers_sd.items()}
+    return {
+        ("vquantizer.codebook.weight" if k == "vquantizer.embedding.weight" else k): v for k, v in diffusers_sd.items()
+    }
 
 
 def test_both_layouts_encode_decode_and_quantize_like_diffusers(paella, tmp_path):
@@ -70,10 +73,18 @@ def test_both_layouts_encode_decode_and_quantize_like_diffusers(paella, tmp_path
 def test_config_is_read_from_the_tensors(paella):
     _, sd = paella
     full = config_from_state_dict(release_layout(sd))
-    assert (full.c_hidden, full.levels, full.bottleneck_blocks, full.latent_channels, full.codebook_size) == (384, 2, 12, 4, 8192)
+    assert (full.c_hidden, full.levels, full.bottleneck_blocks, full.latent_channels, full.codebook_size) == (
+        384,
+        2,
+        12,
+        4,
+        8192,
+    )
     decoder_only = {k: v for k, v in release_layout(sd).items() if k.startswith(("up_blocks.", "out_block."))}
     assert config_from_state_dict(decoder_only) == full
-    small = StageAAutoencoder(type(full)(c_hidden=128, levels=3, bottleneck_blocks=2, latent_channels=8, codebook_size=16))
+    small = StageAAutoencoder(
+        type(full)(c_hidden=128, levels=3, bottleneck_blocks=2, latent_channels=8, codebook_size=16)
+    )
     assert config_from_state_dict(small.state_dict()) == small.config
 
 
@@ -81,16 +92,18 @@ def stage_b_checkpoint(path, stage_a_sd, poison_unet: bool):
     """A file laid out like a stage-B checkpoint: ``model.diffusion_model.*`` (here a few large stand-in tensors,
     not a real U-Net) next to stage A under ``vae.``. With ``poison_unet`` the U-Net bytes are overwritten with NaN
     patterns after writing, which a loader reading only the stage A part never sees."""
-    unet = {"model.diffusion_model.clf.1.weight": torch.ones(64, 1280, 1, 1),
-            "model.diffusion_model.down_blocks.0.0.depthwise.weight": torch.ones(4096, 4096)}
+    unet = {
+        "model.diffusion_model.clf.1.weight": torch.ones(64, 1280, 1, 1),
+        "model.diffusion_model.down_blocks.0.0.depthwise.weight": torch.ones(4096, 4096),
+    }
     save_file({**unet, **{f"vae.{k}": v for k, v in stage_a_sd.items()}}, path)
     if poison_unet:
         raw = bytearray(path.read_bytes())
         (size,) = struct.unpack("<Q", raw[:8])
-        header = json.loads(raw[8:8 + size])
+        header = json.loads(raw[8 : 8 + size])
         for key in unet:
             start, end = header[key]["data_offsets"]
-            raw[8 + size + start:8 + size + end] = b"\xff" * (end - start)
+            raw[8 + size + start : 8 + size + end] = b"\xff" * (end - start)
         path.write_bytes(bytes(raw))
 
 
@@ -114,12 +127,20 @@ def test_truncated_wrong_and_partial_files_get_clear_messages(paella, tmp_path):
     with pytest.raises(VaeFileError, match="cut.safetensors: not a readable safetensors file.*Download it again"):
         open_vae_file(tmp_path / "cut.safetensors")
     no_block = {k: v for k, v in release.items() if not k.startswith("up_blocks.5.")}
-    with pytest.raises(VaeFileError, match=r"partial: original Stable Cascade stage A .*missing 7 tensors \(up_blocks.5.channelwise"):
+    with pytest.raises(
+        VaeFileError, match=r"partial: original Stable Cascade stage A .*missing 7 tensors \(up_blocks.5.channelwise"
+    ):
         weights_from_state_dict(no_block, "partial")
     wrong = dict(release, **{"out_block.0.weight": torch.zeros(12, 96, 1, 1)})
-    with pytest.raises(VaeFileError, match=r"wrong: .*out_block.0.weight is \(12, 96, 1, 1\), expected \(12, 192, 1, 1\)"):
+    with pytest.raises(
+        VaeFileError, match=r"wrong: .*out_block.0.weight is \(12, 96, 1, 1\), expected \(12, 192, 1, 1\)"
+    ):
         weights_from_state_dict(wrong, "wrong")
-    stage_b = {"clf.1.weight": torch.zeros(4), "clip_mapper.weight": torch.zeros(4), "up_blocks.0.0.gammas": torch.zeros(6)}
+    stage_b = {
+        "clf.1.weight": torch.zeros(4),
+        "clip_mapper.weight": torch.zeros(4),
+        "up_blocks.0.0.gammas": torch.zeros(6),
+    }
     with pytest.raises(VaeFileError, match="unet.safetensors: this is a Stable Cascade stage B or C diffusion model"):
         weights_from_state_dict(stage_b, "unet.safetensors")
     prefixed = {f"model.diffusion_model.{k}": v for k, v in stage_b.items()}

@@ -40,12 +40,18 @@ def test_taef2_reconstructs_real_photos(taef2, photo_crops):
 
 
 # madebyollin's own taesd.py (github.com/madebyollin/taesd, commit 5cccb12, "Add support for FLUX.2 VAE") run once
-# on the bundled TAEF2 files and the bundled images: TAESD(encoder_path, decoder_path) -> decoder(encoder(x)).clamp(0, 1)
-# on each image's central 256x256 crop (RGB, /255), PSNR by scikit-image. Reproduce with
+# on the bundled TAEF2 files and the bundled images: TAESD(encoder_path, decoder_path) ->
+# decoder(encoder(x)).clamp(0, 1) on each image's central 256x256 crop (RGB, /255), PSNR by scikit-image. Reproduce with
 # `python tools/reference_taesd_psnr.py --taesd-py <checkout>/taesd.py`.
 MADEBYOLLIN_TAEF2_PSNR = {
-    "astronaut.png": 29.6399, "chelsea.png": 30.5361, "coffee.png": 31.5000, "grass.png": 23.8154,
-    "hubble_deep_field.jpg": 30.4078, "ihc.png": 31.6009, "retina.jpg": 35.1665, "rocket.jpg": 32.6896,
+    "astronaut.png": 29.6399,
+    "chelsea.png": 30.5361,
+    "coffee.png": 31.5000,
+    "grass.png": 23.8154,
+    "hubble_deep_field.jpg": 30.4078,
+    "ihc.png": 31.6009,
+    "retina.jpg": 35.1665,
+    "rocket.jpg": 32.6896,
 }
 
 
@@ -55,13 +61,15 @@ def test_taef2_matches_madebyollins_reference_psnr_on_bundled_images():
 
     from training.data import to_tensor
 
-    model = load_tiny_autoencoder(os.path.join(TAEF2, "taef2_encoder.pth"), os.path.join(TAEF2, "taef2_decoder.pth")).eval()
+    model = load_tiny_autoencoder(
+        os.path.join(TAEF2, "taef2_encoder.pth"), os.path.join(TAEF2, "taef2_decoder.pth")
+    ).eval()
     images = os.path.join(os.path.dirname(TAEF2), "images")
     for name, reference in MADEBYOLLIN_TAEF2_PSNR.items():
         # the reference's inputs exactly: no ICC conversion (rocket.jpg carries a profile that load_image01 applies)
         pixels = np.asarray(Image.open(os.path.join(images, name)).convert("RGB"), dtype=np.float32) / 255
         top, left = (pixels.shape[0] - 256) // 2, (pixels.shape[1] - 256) // 2
-        crop = to_tensor(pixels[top:top + 256, left:left + 256])
+        crop = to_tensor(pixels[top : top + 256, left : left + 256])
         with torch.no_grad():
             out = model.decode(model.encode(crop)).clamp(0, 1)
         ours = peak_signal_noise_ratio(crop.double().numpy(), out.double().numpy(), data_range=1.0)
@@ -69,10 +77,20 @@ def test_taef2_matches_madebyollins_reference_psnr_on_bundled_images():
 
 
 def test_file_names_pair_up_the_way_madebyollin_names_them():
-    pairs, singles = group_tiny_files(["taesdxl_encoder.pth", "taesdxl_decoder.pth", "taef1_decoder.safetensors",
-                                       "my_ft_decoder.safetensors", "my_ft_encoder.safetensors", "diffusers_tiny.safetensors"])
-    assert pairs == {"my_ft": ("my_ft_encoder.safetensors", "my_ft_decoder.safetensors"),
-                     "taesdxl": ("taesdxl_encoder.pth", "taesdxl_decoder.pth")}
+    pairs, singles = group_tiny_files(
+        [
+            "taesdxl_encoder.pth",
+            "taesdxl_decoder.pth",
+            "taef1_decoder.safetensors",
+            "my_ft_decoder.safetensors",
+            "my_ft_encoder.safetensors",
+            "diffusers_tiny.safetensors",
+        ]
+    )
+    assert pairs == {
+        "my_ft": ("my_ft_encoder.safetensors", "my_ft_decoder.safetensors"),
+        "taesdxl": ("taesdxl_encoder.pth", "taesdxl_decoder.pth"),
+    }
     assert singles == ["diffusers_tiny.safetensors", "taef1_decoder.safetensors"]
     assert variant_from_name("taesdxl_decoder.pth").name == "taesdxl"
     assert variant_from_name("taesd_decoder.pth").name == "taesd"

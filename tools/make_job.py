@@ -13,6 +13,7 @@ Finetune Job). Any VAE file VAE Lab's loaders read works: SD/SDXL/SD3/FLUX kl-f8
 VAE part), TAESD-family files, Stable Cascade stage A; a decoder-only file needs ``--encoder`` (e.g. madebyollin's
 taesd_encoder.pth beside taesd_decoder.pth).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,17 @@ BUNDLED_TAEF2 = os.path.join(ROOT, "assets", "taef2")
 def base_weights(vae: str, encoder: str | None) -> tuple[str, dict, str, float, float]:
     """(family, canonical tensors, description, latent scale, latent shift) of the base VAE."""
     if vae == "bundled":
-        model = load_tiny_autoencoder(os.path.join(BUNDLED_TAEF2, "taef2_encoder.pth"),
-                                      os.path.join(BUNDLED_TAEF2, "taef2_decoder.pth"))
+        model = load_tiny_autoencoder(
+            os.path.join(BUNDLED_TAEF2, "taef2_encoder.pth"), os.path.join(BUNDLED_TAEF2, "taef2_decoder.pth")
+        )
         return "tiny", {k: v.clone() for k, v in model.state_dict().items()}, "the bundled TAEF2", 1.0, 0.0
     weights = open_vae_file(vae)
     if encoder:
         weights = join_files(weights, open_vae_file(encoder), os.path.basename(vae))
     if not weights.detected.has_encoder:
-        raise VaeFileError(f"{vae} holds a decoder only: give its encoder with --encoder (a job encodes its crops with it)")
+        raise VaeFileError(
+            f"{vae} holds a decoder only: give its encoder with --encoder (a job encodes its crops with it)"
+        )
     scale, shift = weights.detected.latent_scale, weights.detected.latent_shift
     return weights.family, dict(weights.tensors), weights.source, scale or 1.0, shift or 0.0
 
@@ -47,7 +51,9 @@ def base_weights(vae: str, encoder: str | None) -> tuple[str, dict, str, float, 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--name", required=True, help="job name: letters, digits, '_', '-', '.'")
-    p.add_argument("--images", default=os.path.join(ROOT, "assets", "images"), help="training image folder (default: bundled)")
+    p.add_argument(
+        "--images", default=os.path.join(ROOT, "assets", "images"), help="training image folder (default: bundled)"
+    )
     p.add_argument("--vae", default="bundled", help="a VAE file, or 'bundled' (TAEF2)")
     p.add_argument("--encoder", default=None, help="the encoder file for a decoder-only --vae")
     p.add_argument("--root", default="vae_lab_jobs", help="folder that holds job folders (default ./vae_lab_jobs)")
@@ -68,19 +74,36 @@ def main(argv: list[str] | None = None) -> int:
     except (VaeFileError, data.NoUsableImages, OSError) as exc:
         p.error(str(exc))
     train_idx, held_idx = data.split_or_all(len(found.paths), args.held_out, args.seed)
-    config = finetune.FinetuneConfig(batch_size=args.batch_size, crop_size=args.crop_size, seed=args.seed,
-                                     eval_every=args.checkpoint_interval,
-                                     gradient_checkpointing=args.gradient_checkpointing)
-    spec, note = jobs.new_spec(args.recipe, args.lr, config, args.steps, args.checkpoint_interval,
-                               [found.paths[i] for i in train_idx], [found.paths[i] for i in held_idx], family, scale,
-                               shift, args.threads)
+    config = finetune.FinetuneConfig(
+        batch_size=args.batch_size,
+        crop_size=args.crop_size,
+        seed=args.seed,
+        eval_every=args.checkpoint_interval,
+        gradient_checkpointing=args.gradient_checkpointing,
+    )
+    spec, note = jobs.new_spec(
+        args.recipe,
+        args.lr,
+        config,
+        args.steps,
+        args.checkpoint_interval,
+        [found.paths[i] for i in train_idx],
+        [found.paths[i] for i in held_idx],
+        family,
+        scale,
+        shift,
+        args.threads,
+    )
     os.makedirs(args.root, exist_ok=True)
     try:
         folder = jobs.create_job(args.root, args.name, tensors, spec)
     except jobs.JobError as exc:
         p.error(str(exc))
-    print(f"made {folder}: {source} ({family}), {len(train_idx)} training / {len(held_idx)} held-out images"
-          + (f" ({found.skipped.summary()})" if found.skipped.count else "") + f", {spec.recipe['name']}, {args.steps} steps")
+    print(
+        f"made {folder}: {source} ({family}), {len(train_idx)} training / {len(held_idx)} held-out images"
+        + (f" ({found.skipped.summary()})" if found.skipped.count else "")
+        + f", {spec.recipe['name']}, {args.steps} steps"
+    )
     if note:
         print("note:", note)
     script = os.path.join(ROOT, "tools", "run_job.py")

@@ -3,12 +3,12 @@ statistics of several decodes of one latent, weighted merges, and post-hoc EMA.
 
 Everything works on images in [0, 1] shaped (B, 3, H, W) and on plain state dicts; the nodes only feed it.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -23,7 +23,9 @@ def crop_to_multiple(images: torch.Tensor, ratio: int) -> torch.Tensor:
         size = images.shape[dim]
         keep = (size // ratio) * ratio
         if keep == 0:
-            raise ValueError(f"images are {images.shape[2]}x{images.shape[3]} px, smaller than the VAE's {ratio}x ratio")
+            raise ValueError(
+                f"images are {images.shape[2]}x{images.shape[3]} px, smaller than the VAE's {ratio}x ratio"
+            )
         if keep != size:
             images = images.narrow(dim, (size % ratio) // 2, keep)
     return images
@@ -51,11 +53,18 @@ class Comparison:
         return report.markdown_table(self.per_image, self.notes)
 
     def as_json(self) -> dict:
-        return {"images": int(self.reference.shape[0]), "size": list(self.reference.shape[2:]),
-                "decoders": {label: {"summary": self.summary()[label],
-                                     "per_image": {m: [float(v) for v in vals] for m, vals in self.per_image[label].items()}}
-                             for label in self.labels},
-                "unavailable": dict(self.notes)}
+        return {
+            "images": int(self.reference.shape[0]),
+            "size": list(self.reference.shape[2:]),
+            "decoders": {
+                label: {
+                    "summary": self.summary()[label],
+                    "per_image": {m: [float(v) for v in vals] for m, vals in self.per_image[label].items()},
+                }
+                for label in self.labels
+            },
+            "unavailable": dict(self.notes),
+        }
 
     def ranking(self, metric: str = "psnr") -> list[str]:
         """Labels best first by the mean of ``metric`` (higher is better for PSNR/SSIM, lower for the others)."""
@@ -64,14 +73,19 @@ class Comparison:
         return sorted(self.labels, key=lambda label: -means[label] if higher_better else means[label])
 
 
-def compare_reconstructions(reference01: torch.Tensor, outputs: dict[str, torch.Tensor],
-                            lpips_models: dict | None = None, lpips_note: str = "") -> Comparison:
-    per_image = {label: metrics.reconstruction_metrics(out, reference01, lpips_models) for label, out in outputs.items()}
+def compare_reconstructions(
+    reference01: torch.Tensor, outputs: dict[str, torch.Tensor], lpips_models: dict | None = None, lpips_note: str = ""
+) -> Comparison:
+    per_image = {
+        label: metrics.reconstruction_metrics(out, reference01, lpips_models) for label, out in outputs.items()
+    }
     notes = {}
     for net in ("alex", "vgg"):
         if lpips_models is not None and lpips_models.get(net) is None and net in lpips_models:
             notes[f"lpips_{net}"] = lpips_note or "no weights"
-    return Comparison(list(outputs), reference01.float(), {k: v.float().clamp(0, 1) for k, v in outputs.items()}, per_image, notes)
+    return Comparison(
+        list(outputs), reference01.float(), {k: v.float().clamp(0, 1) for k, v in outputs.items()}, per_image, notes
+    )
 
 
 def labelled_grid(comparison: Comparison, max_side: int = 384) -> torch.Tensor:
@@ -95,8 +109,15 @@ def delta_e_heatmaps(comparison: Comparison, max_side: int = 384) -> tuple[torch
     vmax = max(float(torch.quantile(pooled[:: max(1, pooled.numel() // 1_000_000)], 0.995)), 1e-4)
     rows = []
     for i in range(comparison.reference.shape[0]):
-        rows.append([visualize.label(_fit(visualize.heatmap(maps[label][i : i + 1], vmax)[0], max_side),
-                                     f"{label}  ΔE {float(maps[label][i].mean()):.4f}") for label in comparison.labels])
+        rows.append(
+            [
+                visualize.label(
+                    _fit(visualize.heatmap(maps[label][i : i + 1], vmax)[0], max_side),
+                    f"{label}  ΔE {float(maps[label][i].mean()):.4f}",
+                )
+                for label in comparison.labels
+            ]
+        )
     return visualize.grid(rows), vmax
 
 
@@ -117,9 +138,15 @@ def most_different_regions(comparison: Comparison, window: int = 64, zoom: int =
         index = int(pooled.flatten().argmax())
         top = min((index // pooled.shape[1]) * max(1, window // 4), height - window)
         left = min((index % pooled.shape[1]) * max(1, window // 4), width - window)
-        crops = [("reference", comparison.reference[i])] + [(label, comparison.outputs[label][i]) for label in comparison.labels]
-        rows.append([visualize.label(_zoom(t[:, top : top + window, left : left + window], zoom), f"{text} @{left},{top}")
-                     for text, t in crops])
+        crops = [("reference", comparison.reference[i])] + [
+            (label, comparison.outputs[label][i]) for label in comparison.labels
+        ]
+        rows.append(
+            [
+                visualize.label(_zoom(t[:, top : top + window, left : left + window], zoom), f"{text} @{left},{top}")
+                for text, t in crops
+            ]
+        )
     return visualize.grid(rows)
 
 
@@ -157,12 +184,21 @@ def decode_statistics(decoded01: torch.Tensor) -> dict[str, torch.Tensor]:
     }
 
 
-def latent_grid(decoded: dict[str, torch.Tensor], stats: dict[str, dict[str, torch.Tensor]], max_side: int = 384) -> torch.Tensor:
+def latent_grid(
+    decoded: dict[str, torch.Tensor], stats: dict[str, dict[str, torch.Tensor]], max_side: int = 384
+) -> torch.Tensor:
     """(3, H, W): rows = latents of the batch, columns = decoders, each labelled with its detail energy."""
     labels = list(decoded)
-    rows = [[visualize.label(_fit(decoded[label][i].clamp(0, 1), max_side),
-                             f"{label}  detail {float(stats[label]['detail_energy'][i]) * 1e3:.2f}e-3") for label in labels]
-            for i in range(decoded[labels[0]].shape[0])]
+    rows = [
+        [
+            visualize.label(
+                _fit(decoded[label][i].clamp(0, 1), max_side),
+                f"{label}  detail {float(stats[label]['detail_energy'][i]) * 1e3:.2f}e-3",
+            )
+            for label in labels
+        ]
+        for i in range(decoded[labels[0]].shape[0])
+    ]
     return visualize.grid(rows)
 
 
@@ -218,12 +254,16 @@ def normalised_weights(weights: list[float]) -> tuple[list[float], str | None]:
     normalised = [w / total for w in weights]
     warning = None
     if any(w < 0 for w in normalised):
-        warning = (f"extrapolating (weights after normalising: {', '.join(f'{w:+.3f}' for w in normalised)}): the result "
-                   "leaves the segment between the VAEs; check it by eye")
+        warning = (
+            f"extrapolating (weights after normalising: {', '.join(f'{w:+.3f}' for w in normalised)}): the result "
+            "leaves the segment between the VAEs; check it by eye"
+        )
     return normalised, warning
 
 
-def merge_state_dicts(state_dicts: list[dict[str, torch.Tensor]], weights: list[float], names: list[str]) -> dict[str, torch.Tensor]:
+def merge_state_dicts(
+    state_dicts: list[dict[str, torch.Tensor]], weights: list[float], names: list[str]
+) -> dict[str, torch.Tensor]:
     """Σ wᵢ·θᵢ over float tensors (computed in fp32, stored in the first's dtype); integer buffers
     (BatchNorm counters) are taken from the first. Keys and shapes must match exactly."""
     if len(state_dicts) != len(weights):
@@ -232,12 +272,16 @@ def merge_state_dicts(state_dicts: list[dict[str, torch.Tensor]], weights: list[
     for sd, name in zip(state_dicts[1:], names[1:]):
         missing, extra = sorted(set(first) - set(sd)), sorted(set(sd) - set(first))
         if missing or extra:
-            raise MergeError(f"{name} does not have {names[0]}'s tensors: missing {missing[:3]}, extra {extra[:3]} "
-                             f"({len(missing)} missing, {len(extra)} extra): merge only VAEs of one architecture")
+            raise MergeError(
+                f"{name} does not have {names[0]}'s tensors: missing {missing[:3]}, extra {extra[:3]} "
+                f"({len(missing)} missing, {len(extra)} extra): merge only VAEs of one architecture"
+            )
         wrong = [k for k in first if sd[k].shape != first[k].shape]
         if wrong:
-            raise MergeError(f"{name}: {wrong[0]} is {tuple(sd[wrong[0]].shape)} but {tuple(first[wrong[0]].shape)} in "
-                             f"{names[0]} ({len(wrong)} tensors differ in shape): merge only VAEs of one architecture")
+            raise MergeError(
+                f"{name}: {wrong[0]} is {tuple(sd[wrong[0]].shape)} but {tuple(first[wrong[0]].shape)} in "
+                f"{names[0]} ({len(wrong)} tensors differ in shape): merge only VAEs of one architecture"
+            )
     merged = {}
     for key, tensor in first.items():
         if not tensor.is_floating_point():
@@ -251,64 +295,26 @@ def merge_state_dicts(state_dicts: list[dict[str, torch.Tensor]], weights: list[
 
 
 # ----------------------------------------------------------------------------------------------
-# post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models", §3)
-#
-# A power-function EMA with exponent gamma, read at step t, weighs the weights of step tau by
-# p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t]. Any such profile is approximated by a linear
-# combination of the saved snapshots' profiles, with coefficients from least squares in L2 over tau;
-# the inner products have a closed form, and the same coefficients combine the snapshots' tensors.
-
-
-def _profile_inner(t_a: float, g_a: float, t_b: float, g_b: float) -> float:
-    """∫ p_a p_b dτ for two power-function profiles (see above)."""
-    low = min(t_a, t_b)
-    return ((g_a + 1) * (g_b + 1) * low ** (g_a + g_b + 1)) / ((g_a + g_b + 1) * t_a ** (g_a + 1) * t_b ** (g_b + 1))
-
-
-def posthoc_coefficients(snapshots: list[tuple[int, float]], target_step: int, target_gamma: float) -> np.ndarray:
-    """Least-squares coefficients of the snapshots [(step, gamma)] that best match the profile
-    (target_step, target_gamma)."""
-    if not snapshots:
-        raise ValueError("no post-hoc EMA snapshots: train with posthoc_ema on")
-    n = len(snapshots)
-    gram = np.empty((n, n))
-    rhs = np.empty(n)
-    for i, (t_i, g_i) in enumerate(snapshots):
-        rhs[i] = _profile_inner(t_i, g_i, target_step, target_gamma)
-        for j, (t_j, g_j) in enumerate(snapshots):
-            gram[i, j] = _profile_inner(t_i, g_i, t_j, g_j)
-    coefficients, *_ = np.linalg.lstsq(gram, rhs, rcond=None)
-    return coefficients
-
-
-def posthoc_ema(snapshots: list[dict], sigma_rel: float, target_step: int | None = None) -> dict[str, torch.Tensor]:
-    """Decoder tensors of an EMA of relative length ``sigma_rel`` read at ``target_step`` (default: the last
-    snapshot), reconstructed from the snapshots the trainer kept ({'step', 'gamma', 'tensors'})."""
-    from .finetune import sigma_rel_to_gamma
-
-    if not 0.01 <= sigma_rel <= 0.3:
-        raise ValueError(f"sigma_rel {sigma_rel}: choose an EMA length between 0.01 and 0.3 (EDM2 uses 0.05-0.15)")
-    if not snapshots:
-        raise ValueError("no post-hoc EMA snapshots: train with posthoc_ema on")
-    target_step = target_step or max(s["step"] for s in snapshots)
-    coefficients = posthoc_coefficients([(s["step"], s["gamma"]) for s in snapshots], target_step, sigma_rel_to_gamma(sigma_rel))
-    result = {}
-    for key in snapshots[0]["tensors"]:
-        total = torch.zeros(snapshots[0]["tensors"][key].shape, dtype=torch.float64)
-        for c, snapshot in zip(coefficients, snapshots):
-            total += float(c) * snapshot["tensors"][key].double()
-        result[key] = total.float()
-    return result
-
-
-# ----------------------------------------------------------------------------------------------
 # one encoder, many decoders: which latent space each VAE speaks
 
 #: Latent-space tags guessed from names (file names, labels, TAESD variants), most specific first.
-SPACE_KEYWORDS = (("taef2", "FLUX.2"), ("flux2", "FLUX.2"), ("flux.2", "FLUX.2"), ("taef1", "FLUX.1"), ("flux", "FLUX.1"),
-                  ("taesd3", "SD3"), ("sd3", "SD3"), ("taesdxl", "SDXL"), ("sdxl", "SDXL"),
-                  ("taesd", "SD 1.x/2.x"), ("sd15", "SD 1.x/2.x"), ("sd-vae", "SD 1.x/2.x"),
-                  ("sd_vae", "SD 1.x/2.x"), ("furception", "SD 1.x/2.x"), ("stage_a", "Stable Cascade stage A"))
+SPACE_KEYWORDS = (
+    ("taef2", "FLUX.2"),
+    ("flux2", "FLUX.2"),
+    ("flux.2", "FLUX.2"),
+    ("taef1", "FLUX.1"),
+    ("flux", "FLUX.1"),
+    ("taesd3", "SD3"),
+    ("sd3", "SD3"),
+    ("taesdxl", "SDXL"),
+    ("sdxl", "SDXL"),
+    ("taesd", "SD 1.x/2.x"),
+    ("sd15", "SD 1.x/2.x"),
+    ("sd-vae", "SD 1.x/2.x"),
+    ("sd_vae", "SD 1.x/2.x"),
+    ("furception", "SD 1.x/2.x"),
+    ("stage_a", "Stable Cascade stage A"),
+)
 
 
 @dataclass(frozen=True)
@@ -336,23 +342,17 @@ def check_shared_encoder(encoder: tuple[str, LatentSpace], decoders: list[tuple[
     """Refuses decoders whose latents cannot be the encoder's (channels or ratio differ: a ValueError that names
     them); returns warnings for same-shaped spaces with different tags (SD and SDXL share shapes but not meaning)."""
     name, space = encoder
-    wrong = [f"{label} ({s.describe()})" for label, s in decoders if (s.channels, s.ratio) != (space.channels, space.ratio)]
+    wrong = [
+        f"{label} ({s.describe()})" for label, s in decoders if (s.channels, s.ratio) != (space.channels, space.ratio)
+    ]
     if wrong:
-        raise ValueError(f"shared encoder {name} ({space.describe()}) cannot feed {', '.join(wrong)}: different latent "
-                         "spaces. Compare them in 'autoencoders' mode, or pick an encoder of their space")
-    return [f"{label} looks like {s.tag} but the shared encoder {name} looks like {space.tag}: same latent shapes, different "
-            "spaces? The numbers are only meaningful for decoders of the encoder's own space"
-            for label, s in decoders if s.tag and space.tag and s.tag != space.tag]
-
-
-def posthoc_table(model: torch.nn.Module, snapshots: list[dict], lengths: list[float], latents: torch.Tensor,
-                  reference01: torch.Tensor, chosen: float | None = None) -> dict[str, dict[str, torch.Tensor]]:
-    """Per-image metrics of the decoder rebuilt at each EMA length (``model`` holds the decoder; its weights are
-    replaced in turn), for a table that makes the choice of length visible."""
-    rows = {}
-    with torch.no_grad():
-        for length in sorted(set(lengths)):
-            model.load_state_dict(posthoc_ema(snapshots, length), strict=False)
-            label = f"σ_rel {length:g}" + (" (chosen)" if chosen is not None and abs(length - chosen) < 1e-9 else "")
-            rows[label] = metrics.reconstruction_metrics(model.decode(latents.float()), reference01)
-    return rows
+        raise ValueError(
+            f"shared encoder {name} ({space.describe()}) cannot feed {', '.join(wrong)}: different latent "
+            "spaces. Compare them in 'autoencoders' mode, or pick an encoder of their space"
+        )
+    return [
+        f"{label} looks like {s.tag} but the shared encoder {name} looks like {space.tag}: same latent shapes, "
+        "different spaces? The numbers are only meaningful for decoders of the encoder's own space"
+        for label, s in decoders
+        if s.tag and space.tag and s.tag != space.tag
+    ]

@@ -18,6 +18,7 @@ levels (native pixels up to 4x more of the scene), Lanczos-downscaled (antialias
 then a random rot90 and flip.
 Every crop is a pure function of (seed, step, position in batch): the same seed gives the same data.
 """
+
 from __future__ import annotations
 
 import io
@@ -166,7 +167,9 @@ class ImageFolder:
     Every file is decoded during the scan, so the skip counts are final and a corrupt file is found
     before training starts rather than in the middle of it."""
 
-    def __init__(self, folder: str | os.PathLike, min_side: int = 0, recursive: bool = True, cache_bytes: int = 1 << 30):
+    def __init__(
+        self, folder: str | os.PathLike, min_side: int = 0, recursive: bool = True, cache_bytes: int = 1 << 30
+    ):
         self.folder = os.fspath(folder)
         self.min_side = min_side
         self.skipped = SkipReport()
@@ -186,8 +189,14 @@ class ImageFolder:
             self._remember(len(self.paths) - 1, pixels)
         if not self.paths:
             why = self.skipped.summary() if candidates else f"no {'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files found"
-            raise NoUsableImages(f"no usable images in {self.folder!r} ({why})" + (
-                f"; every image must be at least {min_side} pixels on its short side" if "smaller than the crop" in self.skipped.by_reason else ""))
+            raise NoUsableImages(
+                f"no usable images in {self.folder!r} ({why})"
+                + (
+                    f"; every image must be at least {min_side} pixels on its short side"
+                    if "smaller than the crop" in self.skipped.by_reason
+                    else ""
+                )
+            )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -211,7 +220,11 @@ def _resize_region(pixels: np.ndarray, box: tuple[float, float, float, float], s
     """Lanczos-resample the region ``box`` (left, top, right, bottom) of an (H, W, 3) float image to
     size x size, per channel in float ('F' mode) so 16-bit sources keep their precision."""
     channels = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(pixels[..., c])).resize((size, size), Image.Resampling.LANCZOS, box=box))
+        np.asarray(
+            Image.fromarray(np.ascontiguousarray(pixels[..., c])).resize(
+                (size, size), Image.Resampling.LANCZOS, box=box
+            )
+        )
         for c in range(pixels.shape[2])
     ]
     return np.clip(np.stack(channels, axis=-1), 0.0, 1.0)
@@ -228,7 +241,9 @@ def center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
 DEFAULT_DOWNSCALES = (1, 2, 4)
 
 
-def random_crop(pixels: np.ndarray, size: int, rng: np.random.Generator, downscales=DEFAULT_DOWNSCALES, augment: bool = True) -> np.ndarray:
+def random_crop(
+    pixels: np.ndarray, size: int, rng: np.random.Generator, downscales=DEFAULT_DOWNSCALES, augment: bool = True
+) -> np.ndarray:
     """A random square crop of ``size * level`` source pixels, Lanczos-downscaled to size x size.
 
     ``level`` is drawn uniformly from the ``downscales`` that fit in the image (1 is native-resolution
@@ -261,7 +276,15 @@ def to_tensor(pixels: np.ndarray | list[np.ndarray]) -> torch.Tensor:
 class CropSampler:
     """Deterministic random crops: ``batch(step, batch_size)`` depends only on (seed, step, images)."""
 
-    def __init__(self, images: ImageFolder, size: int, seed: int, downscales=DEFAULT_DOWNSCALES, augment: bool = True, indices: list[int] | None = None):
+    def __init__(
+        self,
+        images: ImageFolder,
+        size: int,
+        seed: int,
+        downscales=DEFAULT_DOWNSCALES,
+        augment: bool = True,
+        indices: list[int] | None = None,
+    ):
         self.images = images
         self.size = size
         self.seed = seed

@@ -7,6 +7,7 @@ stops the random-ish starting point from dominating for thousands of steps.
 
 The averages are float32 copies, updated in place, whatever dtype the model trains in.
 """
+
 from __future__ import annotations
 
 import torch

@@ -13,32 +13,32 @@ Models are this pack's own (``training.klf8.KlAutoencoder``, ``training.taesd.Ti
 ``out_block`` for Stable Cascade stage A). Images are in [0, 1]; the losses see the output clamped to
 [0, 1], as a user sees it, so the pretrained decoder's harmless overshoot is not "corrected" into lifted blacks.
 """
+
 from __future__ import annotations
 
 import copy
-import math
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-from . import gan, layouts, losses, metrics
+from . import gan, losses, metrics, posthoc
+from .decoders import (
+    DecoderView,
+    FinetuneError,
+    decoder_parameters,
+    enable_gradient_checkpointing,
+    family_of,
+    last_decoder_layer,
+)
 from .distributed import Collective
 from .ema import EMA, batch_scaled_decay
-from .klf8 import KlAutoencoder
 from .latent_cache import LatentCache
 from .recipes import Recipe
-from .stage_a import StageAAutoencoder
-from .taesd import TinyAutoencoder
 
 STATE_FORMAT = "vae_lab.training_state"
 STATE_VERSION = 1
-
-
-class FinetuneError(ValueError):
-    """A finetune that cannot run as asked; the message says what to change."""
 
 
 @dataclass(frozen=True)
@@ -56,79 +56,6 @@ class FinetuneConfig:
     cache_bytes: int = 1 << 30
 
 
-def family_of(model: nn.Module) -> str:
-    if isinstance(model, KlAutoencoder):
-        return layouts.KL
-    if isinstance(model, TinyAutoencoder):
-        return layouts.TINY
-    if isinstance(model, StageAAutoencoder):
-        return layouts.STAGE_A
-    raise FinetuneError(f"cannot finetune a {type(model).__name__}: VAE Lab trains kl-f8 (SD/SDXL/SD3/FLUX.1), "
-                        "TAESD-family and Stable Cascade stage A decoders")
-
-
-def decoder_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The trainable half, by canonical key: decoder (+ post_quant_conv for kl)."""
-    family = family_of(model)
-    return {name: p for name, p in model.named_parameters() if layouts.is_decoder_key(family, name)}
-
-
-def last_decoder_layer(model: nn.Module) -> torch.Tensor:
-    """W of LDM's adaptive weight: the decoder's final conv."""
-    if isinstance(model, KlAutoencoder):
-        return model.decoder.conv_out.weight
-    if isinstance(model, StageAAutoencoder):
-        return model.out_block[0].weight
-    return model.decoder[-1].weight
-
-
-# ----------------------------------------------------------------------------------------------
-# losses
-
-
-def mse_mix_at(recipe: Recipe, step: int) -> float:
-    """Share of MSE in the MAE<->MSE mix: cosine from start to end over ``mse_mix_steps``."""
-    t = min(1.0, step / max(1, recipe.mse_mix_steps))
-    return recipe.mse_mix_end + (recipe.mse_mix_start - recipe.mse_mix_end) * 0.5 * (1 + math.cos(math.pi * t))
-
-
-def pixel_loss(out01: torch.Tensor, target01: torch.Tensor, recipe: Recipe, step: int) -> torch.Tensor:
-    """The reconstruction loss of ``recipe`` at ``step``.
-
-    With ``recipe.pixel_blur`` = c > 0 the loss compares T·out = (1 - c)·out + c·B·out with the target, B the
-    detail ratio's [1,4,6,4,1]/16 blur. A pixel loss alone is minimised by the blurred average of what the
-    decoder cannot place exactly (held-out detail ratio 0.66 on TAEF2); seen through T, its minimiser is
-    T⁻¹ of that average: the same estimate with the finest band raised by up to 1/(1 - c), which restores the
-    detail energy at the smallest PSNR cost (a scaled average, not invented texture). Measured on TAEF2
-    (README "Recipes"): c = 0.3 keeps held-out detail at the base decoder's ~1.0 and keeps about 60 % of the
-    blurring loss's PSNR gain, where matching energy per crop (``detail_weight``) kept a third."""
-    if recipe.pixel_blur > 0:
-        out01 = torch.lerp(out01, metrics.binomial_blur(out01), recipe.pixel_blur)
-    mix = mse_mix_at(recipe, step)
-    if recipe.pixel_space == "oklab":
-        return losses.oklab_loss(out01, target01, mse_mix=mix, channel_weights=recipe.oklab_weights, mse_scale=recipe.mse_scale)
-    diff = (out01 - target01) * 2  # LDM's losses are on [-1, 1] images
-    return (1 - mix) * diff.abs().mean() + mix * diff.pow(2).mean()
-
-
-def detail_loss(out01: torch.Tensor, reference_energy: torch.Tensor) -> torch.Tensor:
-    """Squared log-ratio of each image's high-frequency energy (``metrics.high_frequency_energy``, what the
-    detail ratio measures) to a reference energy per image.
-
-    Pixel losses reach their optimum by blurring what the decoder cannot place exactly; this term makes
-    blurring cost as much as inventing detail, so PSNR has to come from getting things right. The default
-    reference is the decoder's own output before training, not the target: on Lanczos-downscaled training
-    crops a good pretrained decoder sits at ~0.95 of the target's energy, and pushing it to 1.0 there
-    over-sharpens everything else (held-out detail ratio 1.04 -> 1.13 in bench/efficacy.py)."""
-    energy_out = metrics.high_frequency_energy(out01)
-    return torch.log((energy_out + 1e-6) / (reference_energy.to(energy_out) + 1e-6)).pow(2).mean()
-
-
-def quantize_straight_through(images01: torch.Tensor) -> torch.Tensor:
-    """8-bit values forward, identity gradient backward."""
-    return images01 + ((images01 * 255).round() / 255 - images01).detach()
-
-
 # ----------------------------------------------------------------------------------------------
 # the run
 
@@ -142,23 +69,21 @@ class HeldOut:
     names: list[str]
 
 
-def encode_held_out(images: list[np.ndarray], names: list[str], encode: Callable, size: int) -> HeldOut | None:
-    from .data import center_crop, to_tensor
-
-    if not images:
-        return None
-    crops = to_tensor([center_crop(image, size) for image in images])
-    with torch.no_grad():
-        latents = torch.cat([encode(crops[i:i + 1]).float().cpu() for i in range(crops.shape[0])])
-    return HeldOut(crops, latents, list(names))
-
-
 class DecoderFinetune:
     """A finetuning run on one decoder. ``model`` is modified in place; ``state`` continues a run."""
 
-    def __init__(self, model: nn.Module, recipe: Recipe, config: FinetuneConfig, cache: LatentCache,
-                 held_out: HeldOut | None = None, lpips: nn.Module | None = None, state: dict | None = None,
-                 device: str | torch.device = "cpu", collective: Collective | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        recipe: Recipe,
+        config: FinetuneConfig,
+        cache: LatentCache,
+        held_out: HeldOut | None = None,
+        lpips: nn.Module | None = None,
+        state: dict | None = None,
+        device: str | torch.device = "cpu",
+        collective: Collective | None = None,
+    ):
         self.family = family_of(model)
         if recipe.uses_lpips and lpips is None:
             raise FinetuneError(f"recipe {recipe.name} needs an LPIPS module")
@@ -178,20 +103,27 @@ class DecoderFinetune:
             self.model.to(memory_format=torch.channels_last)
         if config.gradient_checkpointing:
             enable_gradient_checkpointing(self.model)
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=recipe.lr, betas=(recipe.beta1, recipe.beta2),
-                                           weight_decay=recipe.weight_decay)
+        self.optimizer = torch.optim.AdamW(
+            self.params.values(), lr=recipe.lr, betas=(recipe.beta1, recipe.beta2), weight_decay=recipe.weight_decay
+        )
         self.critic = None
         if recipe.gan_weight > 0:
-            torch.manual_seed(config.seed)
-            self.critic = gan.PatchDiscriminator(norm=recipe.disc_norm).to(self.device)
-            self.critic_optimizer = torch.optim.AdamW(self.critic.parameters(), lr=recipe.disc_lr, betas=(0.5, 0.9),
-                                                      weight_decay=0.0)
+            # the critic's initial weights are a function of the seed alone, drawn from a private copy of the CPU
+            # generator: the process' global generators (a job's checkpointed training RNG state, the host's) are
+            # neither reseeded nor advanced
+            with torch.random.fork_rng(devices=[]):
+                torch.random.default_generator.manual_seed(config.seed)
+                critic = gan.PatchDiscriminator(norm=recipe.disc_norm)
+            self.critic = critic.to(self.device)
+            self.critic_optimizer = torch.optim.AdamW(
+                self.critic.parameters(), lr=recipe.disc_lr, betas=(0.5, 0.9), weight_decay=0.0
+            )
         # L2-SP's anchor: the weights this run started from (kept in the state, so a continued run pulls
         # toward the same point; a state from before this field pulls toward the connected VAE's weights)
-        self.anchor = ({k: p.detach().clone() for k, p in self.params.items()} if recipe.base_decay > 0 else None)
-        decoder_module = _DecoderView(self.model, self.params)
+        self.anchor = {k: p.detach().clone() for k, p in self.params.items()} if recipe.base_decay > 0 else None
+        decoder_module = DecoderView(self.model, self.params)
         self.ema = EMA(decoder_module, batch_scaled_decay(recipe.ema_decay, config.batch_size, recipe.ema_batch))
-        self.posthoc = PowerEmaSnapshots(self.params, config.posthoc_snapshots) if config.posthoc_ema else None
+        self.posthoc = posthoc.PowerEmaSnapshots(self.params, config.posthoc_snapshots) if config.posthoc_ema else None
         self.step = 0
         self.images_seen = 0
         self.history: list[dict] = []
@@ -200,10 +132,14 @@ class DecoderFinetune:
         self.skipped_steps = 0
         self.notes: list[str] = []
         if recipe.detail_weight > 0 and recipe.detail_reference == "base":
-            known = state.get("reference_energy") if state and state.get("data_fingerprint") == cache.fingerprint else None
+            known = (
+                state.get("reference_energy") if state and state.get("data_fingerprint") == cache.fingerprint else None
+            )
             if state is not None and known is None:
-                self.notes.append("different training images than the run being continued: detail reference "
-                                  "recomputed with the connected VAE's decoder")
+                self.notes.append(
+                    "different training images than the run being continued: detail reference "
+                    "recomputed with the connected VAE's decoder"
+                )
             with torch.no_grad():
                 cache.set_reference(lambda z: self.model.decode(z.to(self.device)), known)
         if state is not None:
@@ -229,7 +165,7 @@ class DecoderFinetune:
         with self._autocast():
             out = self.model.decode(latents)
         out01 = out.float().clamp(0, 1)
-        rec = pixel_loss(out01, targets, recipe, step)
+        rec = losses.pixel_loss(out01, targets, recipe, step)
         logs = {"pixel": float(rec.detach())}
         if recipe.lpips_weight > 0:
             perceptual = self.lpips(out01, targets).mean()
@@ -240,16 +176,17 @@ class DecoderFinetune:
                 reference = shard(self.cache.reference_energies(step, self.config.batch_size))
             else:
                 reference = metrics.high_frequency_energy(targets)
-            detail = detail_loss(out01, reference * recipe.detail_target)
+            detail = losses.detail_loss(out01, reference * recipe.detail_target)
             rec = rec + recipe.detail_weight * detail
             logs["detail"] = float(detail.detach())
         loss = rec
-        fakes = quantize_straight_through(out01) if recipe.quantize_fakes else out01
+        fakes = losses.quantize_straight_through(out01) if recipe.quantize_fakes else out01
         if self.critic is not None and step >= recipe.gan_start:
             self.critic.requires_grad_(False)
             g_loss = gan.generator_loss(self.critic(fakes), recipe.disc_loss)
-            weight = gan.adaptive_gan_weight(rec, g_loss, self.last_layer, recipe.gan_weight,
-                                             reduce=self.collective.mean_)
+            weight = gan.adaptive_gan_weight(
+                rec, g_loss, self.last_layer, recipe.gan_weight, reduce=self.collective.mean_
+            )
             loss = rec + weight * g_loss
             logs["gan"], logs["gan_weight"] = float(g_loss.detach()), float(weight)
         logs["loss"] = float(loss.detach())
@@ -266,7 +203,7 @@ class DecoderFinetune:
                 self.optimizer.step()
                 if self.anchor is not None:
                     self._decay_toward_anchor(min(1.0, self.lr_at(step) * recipe.base_decay))
-                self.ema.update(_DecoderView(self.model, self.params))
+                self.ema.update(DecoderView(self.model, self.params))
                 if self.posthoc is not None:
                     self.posthoc.update(step + 1)
             else:
@@ -275,8 +212,10 @@ class DecoderFinetune:
         if self.critic is not None and step >= recipe.gan_start - recipe.critic_warmup_steps:
             logs.update(self._critic_step(targets, out01.detach(), generator))
         if self.skipped_steps > 20 and self.skipped_steps > 0.2 * (step + 1):
-            raise FinetuneError(f"{self.skipped_steps} of {step + 1} steps gave non-finite losses: lower the learning "
-                                "rate (or train in fp32); nothing non-finite was applied to the weights")
+            raise FinetuneError(
+                f"{self.skipped_steps} of {step + 1} steps gave non-finite losses: lower the learning "
+                "rate (or train in fp32); nothing non-finite was applied to the weights"
+            )
         self.step += 1
         self.images_seen += self.config.batch_size
         logs = self.collective.mean_numbers(logs)
@@ -289,7 +228,7 @@ class DecoderFinetune:
         """Decoupled L2-SP (Li et al. 2018, "Explicit inductive bias for transfer learning"): every weight moves
         ``weight`` of the way back to where the run started. Pixel losses on a few images pull a decoder toward
         those images' statistics for as long as it trains; with this pull the held-out gain on other domains
-        stays where it peaked instead of fading (README "Recipes")."""
+        stays where it peaked instead of fading (docs/recipes.md)."""
         for k, p in self.params.items():
             p.lerp_(self.anchor[k], weight)
 
@@ -315,25 +254,6 @@ class DecoderFinetune:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 
-    def run(self, steps: int, on_step: Callable[[dict], None] | None = None,
-            should_stop: Callable[[], bool] | None = None) -> None:
-        """Train ``steps`` more steps (held-out evaluation every ``eval_every`` and at the end)."""
-        # eval mode throughout: the decoders have no mode-dependent layers, and the one model that has them (stage
-        # A's encoder BatchNorm) is frozen — in train mode the cache's lazy encodes would use batch statistics
-        # and overwrite its running ones
-        self.model.eval()
-        end = self.step + steps
-        while self.step < end:
-            if should_stop is not None and should_stop():
-                break
-            logs = self.train_step()
-            if on_step is not None:
-                on_step(logs)
-            if self.held_out is not None and self.config.eval_every and self.step % self.config.eval_every == 0 and self.step < end:
-                self.evaluate()
-        if self.held_out is not None and (not self.evaluations or self.evaluations[-1]["step"] != self.step):
-            self.evaluate()
-
     # -- evaluation -------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -341,12 +261,14 @@ class DecoderFinetune:
         saved = None
         if use_ema:
             saved = {k: p.detach().clone() for k, p in self.params.items()}
-            self.ema.copy_to(_DecoderView(self.model, self.params))
+            self.ema.copy_to(DecoderView(self.model, self.params))
         self.model.eval()
         try:
             with self._autocast():
-                outs = [self.model.decode(latents[i:i + 1].to(self.device)).float().clamp(0, 1).cpu()
-                        for i in range(latents.shape[0])]
+                outs = [
+                    self.model.decode(latents[i : i + 1].to(self.device)).float().clamp(0, 1).cpu()
+                    for i in range(latents.shape[0])
+                ]
         finally:
             if saved is not None:
                 for k, p in self.params.items():
@@ -355,9 +277,14 @@ class DecoderFinetune:
 
     def evaluate(self, use_ema: bool = True, label: str = "ema") -> dict:
         out = self.decode_with(self.held_out.latents, use_ema)
-        per_image = metrics.reconstruction_metrics(out, self.held_out.images01,
-                                                   {self.recipe.lpips_net: self.lpips} if self.lpips is not None else None)
-        result = {"step": self.step, "weights": label, **{k: float(np.nanmean(v.numpy())) for k, v in per_image.items()}}
+        per_image = metrics.reconstruction_metrics(
+            out, self.held_out.images01, {self.recipe.lpips_net: self.lpips} if self.lpips is not None else None
+        )
+        result = {
+            "step": self.step,
+            "weights": label,
+            **{k: float(np.nanmean(v.numpy())) for k, v in per_image.items()},
+        }
         if label != "base":
             self.evaluations.append(result)
         return result
@@ -376,14 +303,22 @@ class DecoderFinetune:
     def state_dict(self) -> dict:
         """A self-contained, versioned copy on the CPU (never shares storage with the live run)."""
         state = {
-            "format": STATE_FORMAT, "version": STATE_VERSION,
-            "family": self.family, "recipe": self.recipe.as_dict(), "config": asdict(self.config),
-            "step": self.step, "images_seen": self.images_seen, "skipped_steps": self.skipped_steps,
+            "format": STATE_FORMAT,
+            "version": STATE_VERSION,
+            "family": self.family,
+            "recipe": self.recipe.as_dict(),
+            "config": asdict(self.config),
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "skipped_steps": self.skipped_steps,
             "decoder": self.decoder_tensors(use_ema=False),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
-            "history": list(self.history), "evaluations": list(self.evaluations), "base_evaluation": self.base_evaluation,
-            "data_fingerprint": self.cache.fingerprint, "reference_energy": dict(self.cache.reference_energy),
+            "history": list(self.history),
+            "evaluations": list(self.evaluations),
+            "base_evaluation": self.base_evaluation,
+            "data_fingerprint": self.cache.fingerprint,
+            "reference_energy": dict(self.cache.reference_energy),
         }
         if self.critic is not None:
             state["critic"] = self.critic.state_dict()
@@ -415,8 +350,9 @@ class DecoderFinetune:
                     for k, a in self.anchor.items():
                         a.copy_(state["anchor"][k].to(a.dtype))
             else:
-                self.notes.append("the training state holds no starting weights: base_decay pulls toward the "
-                                  "connected VAE's decoder")
+                self.notes.append(
+                    "the training state holds no starting weights: base_decay pulls toward the connected VAE's decoder"
+                )
         self.step, self.images_seen = state["step"], state["images_seen"]
         self.skipped_steps = state.get("skipped_steps", 0)
         self.history, self.evaluations = list(state["history"]), list(state["evaluations"])
@@ -427,15 +363,20 @@ def check_state(state: dict, family: str, params: dict[str, torch.Tensor]) -> No
     if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
         raise FinetuneError("training_state: not a VAE Lab training state")
     if state.get("version") != STATE_VERSION:
-        raise FinetuneError(f"training_state: version {state.get('version')} is not supported by this VAE Lab "
-                            f"(expects {STATE_VERSION}); start a new run")
+        raise FinetuneError(
+            f"training_state: version {state.get('version')} is not supported by this VAE Lab "
+            f"(expects {STATE_VERSION}); start a new run"
+        )
     if state["family"] != family or set(state["decoder"]) != set(params):
-        raise FinetuneError("training_state belongs to a different decoder (another family or architecture); "
-                            "connect the VAE it was trained from, or start a new run")
+        raise FinetuneError(
+            "training_state belongs to a different decoder (another family or architecture); "
+            "connect the VAE it was trained from, or start a new run"
+        )
     wrong = [k for k, p in params.items() if state["decoder"][k].shape != p.shape]
     if wrong:
-        raise FinetuneError(f"training_state's decoder shapes differ from this VAE's ({wrong[0]}); connect the VAE it "
-                            "was trained from")
+        raise FinetuneError(
+            f"training_state's decoder shapes differ from this VAE's ({wrong[0]}); connect the VAE it was trained from"
+        )
 
 
 def _cpu_copy(value):
@@ -448,96 +389,3 @@ def _cpu_copy(value):
     if isinstance(value, tuple):
         return tuple(_cpu_copy(v) for v in value)
     return copy.deepcopy(value)
-
-
-class _DecoderView(nn.Module):
-    """Presents just the trainable parameters (canonical names) to EMA."""
-
-    def __init__(self, model: nn.Module, params: dict[str, nn.Parameter]):
-        super().__init__()
-        self._params = params
-
-    def named_parameters(self, *args, **kwargs):
-        return iter(self._params.items())
-
-    def named_buffers(self, *args, **kwargs):
-        return iter(())
-
-
-def enable_gradient_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder block's activations in the backward pass (less memory, ~30 % more compute).
-    Patches instance ``forward``s, so parameter names (and saved files) are unchanged."""
-    from torch.utils.checkpoint import checkpoint
-
-    from .klf8 import ResnetBlock
-    from .stage_a import MixingBlock
-    from .taesd import Block
-
-    decoder = model.up_blocks if isinstance(model, StageAAutoencoder) else model.decoder
-    for module in decoder.modules():
-        if isinstance(module, (ResnetBlock, Block, MixingBlock)) and not getattr(module, "_checkpointed", False):
-            forward = module.forward
-            module.forward = lambda x, forward=forward: checkpoint(forward, x, use_reentrant=False)
-            module._checkpointed = True
-
-
-# ----------------------------------------------------------------------------------------------
-# post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion Models")
-
-
-POWER_EMA_SIGMA_RELS = (0.05, 0.10)
-
-
-def sigma_rel_to_gamma(sigma_rel: float) -> float:
-    """EDM2 eq. (3): the power-function exponent whose EMA has relative width ``sigma_rel``."""
-    t = sigma_rel ** -2
-    return float(np.roots([1, 7, 16 - t, 12 - t]).real.max())
-
-
-class PowerEmaSnapshots:
-    """Two power-function EMAs (beta_t = (1 - 1/t)^(gamma + 1)) and count-bounded fp16 snapshots of
-    both, from which any EMA length can be reconstructed after training (least squares over the
-    snapshots' profiles; see the comparison nodes). When a list is full, every other snapshot is
-    dropped and the interval doubles, so snapshots stay evenly spread over the whole run."""
-
-    def __init__(self, params: dict[str, nn.Parameter], max_snapshots: int = 16, interval: int = 8):
-        self.params = params
-        self.gammas = [sigma_rel_to_gamma(s) for s in POWER_EMA_SIGMA_RELS]
-        self.averages = [{k: p.detach().float().clone() for k, p in params.items()} for _ in self.gammas]
-        self.max_snapshots, self.interval = max_snapshots, interval
-        self.snapshots: list[dict] = []  # {"step", "gamma", "tensors"}
-
-    @torch.no_grad()
-    def update(self, t: int) -> None:
-        for gamma, average in zip(self.gammas, self.averages):
-            beta = (1 - 1 / t) ** (gamma + 1) if t > 1 else 0.0
-            for k, p in self.params.items():
-                average[k].lerp_(p.detach().float(), 1 - beta)
-        if t % self.interval == 0:
-            for gamma, average in zip(self.gammas, self.averages):
-                self.snapshots.append({"step": t, "gamma": gamma, "tensors": {k: v.half().clone() for k, v in average.items()}})
-            if len(self.snapshots) > 2 * self.max_snapshots:
-                kept = sorted({s["step"] for s in self.snapshots})[1::2]
-                self.snapshots = [s for s in self.snapshots if s["step"] in kept]
-                self.interval *= 2
-
-    def state_dict(self) -> dict:
-        return {"gammas": list(self.gammas), "interval": self.interval, "max_snapshots": self.max_snapshots,
-                "averages": [{k: v.clone() for k, v in a.items()} for a in self.averages],
-                "snapshots": [{**s, "tensors": dict(s["tensors"])} for s in self.snapshots]}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.gammas, self.interval = list(state["gammas"]), state["interval"]
-        self.max_snapshots = state["max_snapshots"]
-        for average, saved in zip(self.averages, state["averages"]):
-            for k, v in saved.items():
-                average[k].copy_(v)
-        self.snapshots = [{**s, "tensors": dict(s["tensors"])} for s in state["snapshots"]]
-
-
-def recipe_with(recipe: Recipe, **overrides) -> Recipe:
-    """The recipe with some fields replaced (unknown names are an error that lists the valid ones)."""
-    try:
-        return replace(recipe, **overrides)
-    except TypeError as exc:
-        raise FinetuneError(f"unknown recipe field: {exc}; fields are {', '.join(recipe.as_dict())}") from exc

@@ -8,6 +8,7 @@
 * ``adaptive_gan_weight``: LDM's balance of the GAN gradient against the reconstruction gradient at the
   decoder's last layer.
 """
+
 from __future__ import annotations
 
 import torch
@@ -74,6 +75,7 @@ def _init_like_taming(module: nn.Module) -> None:
 
 # --- losses: each takes logits (any shape) and returns a scalar ------------------------------------
 
+
 def hinge_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
     return F.relu(1 - real_logits).mean() + F.relu(1 + fake_logits).mean()
 
@@ -82,15 +84,20 @@ def softplus_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Te
     return F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
 
 
-def wasserstein_discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, drift: float = 0.0) -> torch.Tensor:
+def wasserstein_discriminator_loss(
+    real_logits: torch.Tensor, fake_logits: torch.Tensor, drift: float = 0.0
+) -> torch.Tensor:
     """Critic loss E[D(fake)] - E[D(real)], plus the optional drift term ``drift * E[D(real)^2]``."""
     return fake_logits.mean() - real_logits.mean() + drift * real_logits.pow(2).mean()
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, kind: str) -> torch.Tensor:
     """The critic's loss by name: 'hinge', 'softplus' or 'wasserstein'."""
-    losses = {"hinge": hinge_discriminator_loss, "softplus": softplus_discriminator_loss,
-              "wasserstein": wasserstein_discriminator_loss}
+    losses = {
+        "hinge": hinge_discriminator_loss,
+        "softplus": softplus_discriminator_loss,
+        "wasserstein": wasserstein_discriminator_loss,
+    }
     if kind not in losses:
         raise ValueError(f"GAN loss must be hinge, softplus or wasserstein, not {kind!r}")
     return losses[kind](real_logits, fake_logits)
@@ -112,8 +119,14 @@ def _input_gradient_norms(critic: nn.Module, inputs: torch.Tensor) -> torch.Tens
     return grad.flatten(1).norm(dim=1)
 
 
-def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor, weight: float = 10.0,
-                     generator: torch.Generator | None = None, alpha: torch.Tensor | None = None) -> torch.Tensor:
+def gradient_penalty(
+    critic: nn.Module,
+    real: torch.Tensor,
+    fake: torch.Tensor,
+    weight: float = 10.0,
+    generator: torch.Generator | None = None,
+    alpha: torch.Tensor | None = None,
+) -> torch.Tensor:
     """WGAN-GP (Gulrajani et al. 2017): ``weight * E[(||∇D(x̂)|| - 1)^2]`` at per-sample random mixes x̂.
     ``generator`` (a CPU generator) makes the mixes reproducible; ``alpha`` gives them ((B, 1, 1, 1) in [0, 1])."""
     shape = (real.shape[0], *([1] * (real.ndim - 1)))

@@ -8,6 +8,7 @@ layout onto it. The same config family covers 4-channel (SD/SDXL, with quant con
 
 Images are in [0, 1]; latents are raw (unscaled) latents, the way ComfyUI's LATENT holds them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -33,7 +34,9 @@ class KlConfig:
 def config_from_state_dict(ldm_sd: dict[str, torch.Tensor]) -> KlConfig:
     """Architecture of an LDM-layout kl state dict, read from its keys and shapes (either half is enough)."""
     part = "decoder" if "decoder.conv_in.weight" in ldm_sd else "encoder"
-    levels = 1 + max(int(k.split(".")[2]) for k in ldm_sd if k.startswith(f"{part}.{'up' if part == 'decoder' else 'down'}."))
+    levels = 1 + max(
+        int(k.split(".")[2]) for k in ldm_sd if k.startswith(f"{part}.{'up' if part == 'decoder' else 'down'}.")
+    )
     if part == "decoder":
         ch = ldm_sd["decoder.conv_out.weight"].shape[1]
         z_channels = ldm_sd["decoder.conv_in.weight"].shape[1]
@@ -123,7 +126,9 @@ class Encoder(nn.Module):
         n_in = cfg.ch
         for level, width in enumerate(widths):
             stage = nn.Module()
-            stage.block = nn.ModuleList([ResnetBlock(n_in if i == 0 else width, width) for i in range(cfg.num_res_blocks)])
+            stage.block = nn.ModuleList(
+                [ResnetBlock(n_in if i == 0 else width, width) for i in range(cfg.num_res_blocks)]
+            )
             if level != len(widths) - 1:
                 stage.downsample = Downsample(width)
             self.down.append(stage)
@@ -156,7 +161,9 @@ class Decoder(nn.Module):
         for level in reversed(range(len(widths))):
             width = widths[level]
             stage = self.up[level]
-            stage.block = nn.ModuleList([ResnetBlock(n_in if i == 0 else width, width) for i in range(cfg.num_res_blocks + 1)])
+            stage.block = nn.ModuleList(
+                [ResnetBlock(n_in if i == 0 else width, width) for i in range(cfg.num_res_blocks + 1)]
+            )
             if level != 0:
                 stage.upsample = Upsample(width)
             n_in = width

@@ -8,6 +8,7 @@ in fixed chunks of the pool, so a latent is bit-identical however the run is spl
 Memory is bounded: past ``max_bytes`` the oldest chunks are written to a private folder on disk and read
 back when needed; ``close()`` (or leaving a ``with`` block) removes that folder.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,9 +26,17 @@ CHUNK = 8
 
 
 class LatentCache:
-    def __init__(self, images: list[np.ndarray], crop_size: int, crops_per_image: int, seed: int,
-                 encode: Callable[[torch.Tensor], torch.Tensor], max_bytes: int = 1 << 30,
-                 spill_dir: str | None = None, downscales=DEFAULT_DOWNSCALES):
+    def __init__(
+        self,
+        images: list[np.ndarray],
+        crop_size: int,
+        crops_per_image: int,
+        seed: int,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        max_bytes: int = 1 << 30,
+        spill_dir: str | None = None,
+        downscales=DEFAULT_DOWNSCALES,
+    ):
         """``images``: float32 (H, W, 3) arrays in [0, 1]; ``encode``: images01 (B,3,H,W) -> latents."""
         if not images:
             raise ValueError("no training images")
@@ -70,7 +79,9 @@ class LatentCache:
             digest.update(np.ascontiguousarray(image[::7, ::7]).tobytes())
         return digest.hexdigest()[:16]
 
-    def set_reference(self, decode: Callable[[torch.Tensor], torch.Tensor], known: dict[int, float] | None = None) -> None:
+    def set_reference(
+        self, decode: Callable[[torch.Tensor], torch.Tensor], known: dict[int, float] | None = None
+    ) -> None:
         """Record, for every crop, the high-frequency energy of ``decode(latents)`` (e.g. the decoder before
         training); ``known`` values (from an earlier run on the same pool) are used as they are. Fills the
         whole pool now, so every crop's reference comes from the same decoder."""

@@ -21,6 +21,7 @@ Wrappers are peeled first: a whole SD checkpoint (``first_stage_model.``), ``vae
 checkpoints, ``state_dict`` nesting (see ``training.files``), and the ``model.`` / ``decoder_side.``
 wrappers this pack's own host objects carry when core VAESave writes them.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,17 +29,27 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .key_maps import LayoutError, ldm_from_diffusers, tiny_from_comfy, tiny_from_diffusers, tiny_part_of
+
 KL = "kl"
 TINY = "tiny"
 STAGE_A = "stage_a"
 
 #: Prefixes that wrap a VAE inside a bigger file; peeled in this order when what is inside is a VAE.
-WRAPPER_PREFIXES = ("first_stage_model.", "vae.", "model.", "autoencoder.", "decoder_side.model.", "decoder_side.", "module.")
+WRAPPER_PREFIXES = (
+    "first_stage_model.",
+    "vae.",
+    "model.",
+    "autoencoder.",
+    "decoder_side.model.",
+    "decoder_side.",
+    "module.",
+)
 
 #: Families this pack recognises but whose loader lives elsewhere (or nowhere): refused by name.
 FOREIGN_MARKERS = {
     "clf.1.weight": "a Stable Cascade stage B or C diffusion model (a MODEL: load it with Load Diffusion Model or "
-                    "Load Checkpoint; a stage-B checkpoint carries its stage A in its vae. part)",
+    "Load Checkpoint; a stage-B checkpoint carries its stage A in its vae. part)",
     "backbone.1.0.block.0.1.num_batches_tracked": "Stable Cascade stage C EfficientNet encoder",
     "blocks.11.num_batches_tracked": "Stable Cascade stage C previewer",
     "encoder.backbone.1.0.block.0.1.num_batches_tracked": "Stable Cascade stage C encoder+previewer",
@@ -48,10 +59,6 @@ FOREIGN_MARKERS = {
     "decoder.up_blocks.0.res_blocks.0.conv1.conv.weight": "LTX-Video VAE",
     "decoder.unpatcher3d.wavelets": "Cosmos video tokenizer",
 }
-
-
-class LayoutError(ValueError):
-    """A state dict this pack cannot interpret; the message says what was found and what to do."""
 
 
 @dataclass
@@ -82,142 +89,10 @@ class Detected:
             return "Stable Cascade stage A (f4 VQGAN)"
         if self.family == TINY:
             return "TAESD family" + (" (TAEF2 mid-block GroupNorm)" if self.midblock_groupnorm else "")
-        return {4: "kl-f8, 4 latent channels (SD 1.x/2.x or SDXL)", 16: "kl-f8, 16 latent channels (SD3 or FLUX.1)"}.get(
-            self.latent_channels, f"kl, {self.latent_channels} latent channels"
-        )
-
-
-# ----------------------------------------------------------------------------------------------
-# kl: diffusers <-> LDM
-
-_DIFFUSERS_ATTENTION = {"to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out",
-                        "query": "q", "key": "k", "value": "v", "proj_attn": "proj_out", "group_norm": "norm"}
-_LDM_ATTENTION = {"q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0", "norm": "group_norm"}
-_RESNET_D2L = {"conv_shortcut": "nin_shortcut"}
-_RESNET_L2D = {"nin_shortcut": "conv_shortcut"}
-
-
-def _levels(keys, pattern: str) -> int:
-    found = [int(m.group(1)) for k in keys if (m := re.match(pattern, k))]
-    return 1 + max(found) if found else 0
-
-
-def ldm_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Diffusers AutoencoderKL keys -> LDM keys (attention projections become 1x1 convs)."""
-    decoder_levels = _levels(sd, r"decoder\.up_blocks\.(\d+)\.")
-    out = {}
-    for key, value in sd.items():
-        new = key
-        if m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)$", key):
-            part, name, kind = m.groups()
-            if name not in _DIFFUSERS_ATTENTION:
-                raise LayoutError(f"unrecognised diffusers attention key {key!r}")
-            new = f"{part}.mid.attn_1.{_DIFFUSERS_ATTENTION[name]}.{kind}"
-            if kind == "weight" and value.ndim == 2:
-                value = value[:, :, None, None]
-        elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(\w+)\.(.+)$", key):
-            part, index, name, rest = m.groups()
-            new = f"{part}.mid.block_{int(index) + 1}.{_RESNET_D2L.get(name, name)}.{rest}"
-        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(.+)$", key):
-            level, index, name, rest = m.groups()
-            new = f"encoder.down.{level}.block.{index}.{_RESNET_D2L.get(name, name)}.{rest}"
-        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)$", key):
-            new = f"encoder.down.{m.group(1)}.downsample.conv.{m.group(2)}"
-        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(\w+)\.(.+)$", key):
-            level, index, name, rest = m.groups()
-            new = f"decoder.up.{decoder_levels - 1 - int(level)}.block.{index}.{_RESNET_D2L.get(name, name)}.{rest}"
-        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)$", key):
-            new = f"decoder.up.{decoder_levels - 1 - int(m.group(1))}.upsample.conv.{m.group(2)}"
-        elif m := re.match(r"(encoder|decoder)\.conv_norm_out\.(.+)$", key):
-            new = f"{m.group(1)}.norm_out.{m.group(2)}"
-        out[new] = value
-    return out
-
-
-def diffusers_from_ldm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """LDM keys -> diffusers AutoencoderKL keys (current names: ``to_q`` ... ``to_out.0``)."""
-    decoder_levels = _levels(sd, r"decoder\.up\.(\d+)\.")
-    out = {}
-    for key, value in sd.items():
-        new = key
-        if m := re.match(r"(encoder|decoder)\.mid\.attn_1\.(\w+)\.(weight|bias)$", key):
-            part, name, kind = m.groups()
-            new = f"{part}.mid_block.attentions.0.{_LDM_ATTENTION[name]}.{kind}"
-            if kind == "weight" and name != "norm" and value.ndim == 4:
-                value = value[:, :, 0, 0]
-        elif m := re.match(r"(encoder|decoder)\.mid\.block_(\d)\.(\w+)\.(.+)$", key):
-            part, index, name, rest = m.groups()
-            new = f"{part}.mid_block.resnets.{int(index) - 1}.{_RESNET_L2D.get(name, name)}.{rest}"
-        elif m := re.match(r"encoder\.down\.(\d+)\.block\.(\d+)\.(\w+)\.(.+)$", key):
-            level, index, name, rest = m.groups()
-            new = f"encoder.down_blocks.{level}.resnets.{index}.{_RESNET_L2D.get(name, name)}.{rest}"
-        elif m := re.match(r"encoder\.down\.(\d+)\.downsample\.conv\.(.+)$", key):
-            new = f"encoder.down_blocks.{m.group(1)}.downsamplers.0.conv.{m.group(2)}"
-        elif m := re.match(r"decoder\.up\.(\d+)\.block\.(\d+)\.(\w+)\.(.+)$", key):
-            level, index, name, rest = m.groups()
-            new = f"decoder.up_blocks.{decoder_levels - 1 - int(level)}.resnets.{index}.{_RESNET_L2D.get(name, name)}.{rest}"
-        elif m := re.match(r"decoder\.up\.(\d+)\.upsample\.conv\.(.+)$", key):
-            new = f"decoder.up_blocks.{decoder_levels - 1 - int(m.group(1))}.upsamplers.0.conv.{m.group(2)}"
-        elif m := re.match(r"(encoder|decoder)\.norm_out\.(.+)$", key):
-            new = f"{m.group(1)}.conv_norm_out.{m.group(2)}"
-        out[new] = value
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# tiny: ComfyUI combined / diffusers AutoencoderTiny / madebyollin parts <-> canonical
-
-
-def tiny_from_comfy(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """ComfyUI's combined ``taesd_encoder.`` / ``taesd_decoder.`` keys -> canonical (scale/shift dropped)."""
-    out = {}
-    for key, value in sd.items():
-        for prefix, part in (("taesd_encoder.", "encoder."), ("taesd_decoder.", "decoder.")):
-            if key.startswith(prefix):
-                out[part + key[len(prefix):]] = value
-    return out
-
-
-def comfy_from_tiny(sd: dict[str, torch.Tensor], latent_scale: float, latent_shift: float) -> dict[str, torch.Tensor]:
-    """Canonical tiny keys -> the combined layout ComfyUI's VAE class builds a TAESD from."""
-    out = {("taesd_" + key): value for key, value in sd.items()}
-    out["vae_scale"] = torch.tensor(float(latent_scale))
-    out["vae_shift"] = torch.tensor(float(latent_shift))
-    return out
-
-
-def tiny_from_diffusers(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Diffusers AutoencoderTiny -> canonical: its decoder Sequential starts after madebyollin's Clamp."""
-    out = {}
-    for key, value in sd.items():
-        if m := re.match(r"encoder\.layers\.(\d+)\.(.+)$", key):
-            out[f"encoder.{m.group(1)}.{m.group(2)}"] = value
-        elif m := re.match(r"decoder\.layers\.(\d+)\.(.+)$", key):
-            out[f"decoder.{int(m.group(1)) + 1}.{m.group(2)}"] = value
-    return out
-
-
-def diffusers_from_tiny(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    out = {}
-    for key, value in sd.items():
-        part, index, rest = key.split(".", 2)
-        index = int(index) - (1 if part == "decoder" else 0)
-        out[f"{part}.layers.{index}.{rest}"] = value
-    return out
-
-
-def tiny_part_of(sd: dict[str, torch.Tensor]) -> str | None:
-    """'encoder' or 'decoder' for a bare madebyollin part file (``0.weight`` ...), else None.
-
-    A decoder's index 1 is a conv (``1.weight``); an encoder's index 1 is a Block (``1.conv.0.weight``).
-    """
-    if not sd or not all(re.match(r"\d+\.", k) for k in sd):
-        return None
-    if "1.weight" in sd:
-        return "decoder"
-    if "0.weight" in sd and sd["0.weight"].ndim == 4 and sd["0.weight"].shape[1] == 3:
-        return "encoder"
-    return None
+        return {
+            4: "kl-f8, 4 latent channels (SD 1.x/2.x or SDXL)",
+            16: "kl-f8, 16 latent channels (SD3 or FLUX.1)",
+        }.get(self.latent_channels, f"kl, {self.latent_channels} latent channels")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,8 +103,11 @@ STAGE_A_PREFIXES = ("in_block.", "down_blocks.", "vquantizer.", "up_blocks.", "o
 
 
 def _is_vae_like(sd) -> bool:
-    return (any(k.startswith(("encoder.", "decoder.", "taesd_encoder.", "taesd_decoder.")) for k in sd)
-            or tiny_part_of(sd) is not None or _is_stage_a(sd))
+    return (
+        any(k.startswith(("encoder.", "decoder.", "taesd_encoder.", "taesd_decoder.")) for k in sd)
+        or tiny_part_of(sd) is not None
+        or _is_stage_a(sd)
+    )
 
 
 def _is_stage_a(sd) -> bool:
@@ -241,7 +119,7 @@ def peel_wrappers(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor],
     if _is_vae_like(sd) and not any(k.startswith(WRAPPER_PREFIXES[:2]) for k in sd):
         return sd, ""
     for prefix in WRAPPER_PREFIXES:
-        inner = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        inner = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
         if inner and _is_vae_like(inner):
             return inner, prefix
     return sd, ""
@@ -251,8 +129,10 @@ def _foreign_family(sd) -> str | None:
     for marker, name in FOREIGN_MARKERS.items():
         if marker in sd or f"model.diffusion_model.{marker}" in sd:
             return name
-    if "decoder.conv_in.weight" in sd and sd["decoder.conv_in.weight"].shape[1] in (32, 64) and not any(
-        k.startswith(("decoder.up.", "decoder.up_blocks.")) for k in sd
+    if (
+        "decoder.conv_in.weight" in sd
+        and sd["decoder.conv_in.weight"].shape[1] in (32, 64)
+        and not any(k.startswith(("decoder.up.", "decoder.up_blocks.")) for k in sd)
     ):
         return "a Hunyuan-family VAE"
     return None
@@ -272,7 +152,10 @@ def detect(sd: dict[str, torch.Tensor], part_hint: str | None = None) -> Detecte
     keys = set(sd)
     if _is_stage_a(sd):
         return _stage_a(sd, wrapper)
-    if any(k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.", "decoder.mid_block.")) for k in keys):
+    if any(
+        k.startswith(("encoder.down_blocks.", "decoder.up_blocks.", "encoder.mid_block.", "decoder.mid_block."))
+        for k in keys
+    ):
         return _kl(ldm_from_diffusers(sd), "diffusers", wrapper)
     if any(k.startswith(("encoder.down.", "decoder.up.", "decoder.mid.", "encoder.mid.")) for k in keys):
         return _kl(sd, "LDM", wrapper)
@@ -284,16 +167,24 @@ def detect(sd: dict[str, torch.Tensor], part_hint: str | None = None) -> Detecte
     if any(k.startswith(("encoder.layers.", "decoder.layers.")) for k in keys):
         return _tiny(tiny_from_diffusers(sd), "diffusers AutoencoderTiny", wrapper, sd)
     if any(re.match(r"(encoder|decoder)\.\d+\.", k) for k in keys):
-        return _tiny({k: v for k, v in sd.items() if re.match(r"(encoder|decoder)\.\d+\.", k)}, "VAE Lab tiny", wrapper, sd)
+        return _tiny(
+            {k: v for k, v in sd.items() if re.match(r"(encoder|decoder)\.\d+\.", k)}, "VAE Lab tiny", wrapper, sd
+        )
     part = tiny_part_of(sd) or (part_hint if sd and all(re.match(r"\d+\.", k) for k in sd) else None)
     if part:
         return _tiny({f"{part}.{k}": v for k, v in sd.items()}, f"madebyollin {part} file", wrapper, sd)
-    raise LayoutError(f"unknown layout: no kl-f8, TAESD-family or Stable Cascade stage A keys found; first keys: {_first_keys(sd)}")
+    raise LayoutError(
+        f"unknown layout: no kl-f8, TAESD-family or Stable Cascade stage A keys found; first keys: {_first_keys(sd)}"
+    )
 
 
 def _first_keys(keys, n: int = 6) -> str:
     keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "") if keys else "(none: the file is empty)"
+    return (
+        ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+        if keys
+        else "(none: the file is empty)"
+    )
 
 
 #: Training leftovers in LDM-style checkpoints: the loss (LPIPS + discriminator) and LDM's EMA copy.
@@ -331,8 +222,16 @@ def _tiny(sd: dict[str, torch.Tensor], layout: str, wrapper: str, source: dict) 
         channels = sd[f"encoder.{last}.weight"].shape[0]
     else:
         raise LayoutError(f"{layout}: no TAESD encoder or decoder found; first keys: {_first_keys(source)}")
-    det = Detected(TINY, layout, sd, int(channels), has_encoder, has_decoder, wrapper,
-                   midblock_groupnorm=any(".pool." in k for k in sd))
+    det = Detected(
+        TINY,
+        layout,
+        sd,
+        int(channels),
+        has_encoder,
+        has_decoder,
+        wrapper,
+        midblock_groupnorm=any(".pool." in k for k in sd),
+    )
     tiny_key = re.compile(r"((taesd_)?(encoder|decoder)\.(layers\.)?)?\d+\.|vae_(scale|shift)$")
     ignored = [k for k in source if not tiny_key.match(k)]
     if ignored:

@@ -1,10 +1,11 @@
 """Reconstruction metrics on batches of images in [0, 1], shape (B, 3, H, W), one value per image.
 
 The decoder output is clamped to [0, 1] first (that is what a user sees once it is saved); the reference
-is taken as given. Conventions follow the model cards' evaluation (see ``TRAINING.md``): PSNR with a
+is taken as given. Conventions follow the published VAE model cards' evaluation: PSNR with a
 data range of 1, SSIM with an 11x11 Gaussian window (sigma 1.5, K1 0.01, K2 0.03) averaged over the
 valid region and the channels, exactly as scikit-image computes it.
 """
+
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .losses import oklab_difference
+from .oklab import oklab_difference
 
 
 def _prepare(output01: torch.Tensor, reference01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,20 +54,26 @@ def _separable_filter(x: torch.Tensor, taps: torch.Tensor, padding_mode: str | N
     radius = taps.numel() // 2
     if padding_mode is not None:
         lead = x.shape[:-2]
-        x = F.pad(x.reshape(-1, 1, *x.shape[-2:]), (radius, radius, radius, radius), mode=padding_mode).reshape(*lead, *(s + 2 * radius for s in x.shape[-2:]))
+        x = F.pad(x.reshape(-1, 1, *x.shape[-2:]), (radius, radius, radius, radius), mode=padding_mode).reshape(
+            *lead, *(s + 2 * radius for s in x.shape[-2:])
+        )
     rows = _band_matrix(taps, x.shape[-2])
     cols = _band_matrix(taps, x.shape[-1])
     return rows @ x @ cols.T
 
 
-def ssim(output01: torch.Tensor, reference01: torch.Tensor, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03) -> torch.Tensor:
+def ssim(
+    output01: torch.Tensor, reference01: torch.Tensor, sigma: float = 1.5, k1: float = 0.01, k2: float = 0.03
+) -> torch.Tensor:
     """Structural similarity (Wang et al. 2004), Gaussian-weighted, population covariances."""
     out, ref = _prepare(output01, reference01)  # float32: agrees with scikit-image's float64 to ~1e-7
     radius = int(3.5 * sigma + 0.5)  # scikit-image's truncation: 11 taps for sigma 1.5
     if min(out.shape[-2:]) < 2 * radius + 1:
         raise ValueError(f"SSIM needs images of at least {2 * radius + 1} pixels per side, got {tuple(out.shape[-2:])}")
     taps = _gaussian_window(sigma, radius, out.device, out.dtype)
-    mu_x, mu_y, xx, yy, xy = _separable_filter(torch.stack([out, ref, out * out, ref * ref, out * ref]), taps, padding_mode=None)
+    mu_x, mu_y, xx, yy, xy = _separable_filter(
+        torch.stack([out, ref, out * out, ref * ref, out * ref]), taps, padding_mode=None
+    )
     var_x = xx - mu_x**2
     var_y = yy - mu_y**2
     cov = xy - mu_x * mu_y
@@ -110,7 +117,9 @@ def detail_ratio(output01: torch.Tensor, reference01: torch.Tensor) -> torch.Ten
     return torch.where(reference_energy > 1e-12, ratio, torch.full_like(ratio, math.nan))
 
 
-def reconstruction_metrics(output01: torch.Tensor, reference01: torch.Tensor, lpips_models: dict | None = None) -> dict[str, torch.Tensor]:
+def reconstruction_metrics(
+    output01: torch.Tensor, reference01: torch.Tensor, lpips_models: dict | None = None
+) -> dict[str, torch.Tensor]:
     """Every metric, per image: {'psnr', 'ssim', 'delta_e', 'detail_ratio', 'lpips_<net>'...}.
 
     ``lpips_models`` maps a name ('alex', 'vgg') to an :class:`~training.perceptual.Lpips` module, or to
@@ -154,4 +163,7 @@ def oklab_error_split(output01: torch.Tensor, reference01: torch.Tensor) -> dict
     energy = diff.pow(2).mean(dim=(0, 2, 3))
     share = energy / energy.sum() if float(energy.sum()) > 0 else torch.full_like(energy, 1 / 3)
     names = ("L", "a", "b")
-    return {**{f"mean_abs_{n}": float(v) for n, v in zip(names, mean_abs)}, **{f"share_{n}": float(v) for n, v in zip(names, share)}}
+    return {
+        **{f"mean_abs_{n}": float(v) for n, v in zip(names, mean_abs)},
+        **{f"share_{n}": float(v) for n, v in zip(names, share)},
+    }

@@ -14,6 +14,7 @@ Oklab is Björn Ottosson's perceptual colour space ("A perceptual color space fo
 All conversions run in float32 even under autocast: bf16 has 8 bits of mantissa, not enough for colour.
 Tensors are channel-first: ``(..., 3, H, W)`` or any shape whose ``dim`` axis has the 3 channels.
 """
+
 from __future__ import annotations
 
 import torch
@@ -105,3 +106,10 @@ def oklab_from_srgb(srgb: torch.Tensor, dim: int = -3) -> torch.Tensor:
 def srgb_from_oklab(lab: torch.Tensor, dim: int = -3) -> torch.Tensor:
     with torch.autocast(device_type=lab.device.type, enabled=False):
         return srgb_from_linear(linear_from_oklab(lab, dim))
+
+
+def oklab_difference(output01: torch.Tensor, reference01: torch.Tensor) -> torch.Tensor:
+    """Per-pixel (ΔL, Δa, Δb), shape (B, 3, H, W), computed in float32."""
+    if output01.shape != reference01.shape:
+        raise ValueError(f"output {tuple(output01.shape)} and reference {tuple(reference01.shape)} differ in shape")
+    return oklab_from_srgb(output01) - oklab_from_srgb(reference01)

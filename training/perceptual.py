@@ -11,6 +11,7 @@ backbone file is looked up, in order, at
 and a missing file raises :class:`LpipsWeightsMissing` naming the file and where to put it, unless the
 caller opted in to ``allow_download``. A random backbone is never used by accident.
 """
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """Metric tables in the model cards' style (mean ± std per decoder), as Markdown text."""
+
 from __future__ import annotations
 
 import torch

@@ -6,6 +6,7 @@ file is read from the user's folder with ``weights_only=True`` and handed to pyt
 rFID compares the *distribution* of reconstructions with that of the references: with few images it is biased
 and noisy (the model cards use COCO 2017 val, 5000 images), so a warning is given below ``MIN_IMAGES``.
 """
+
 from __future__ import annotations
 
 import os
@@ -40,8 +41,9 @@ def inception(weights_path: str) -> torch.nn.Module:
     try:
         from pytorch_fid import inception as fid_inception
     except ImportError as exc:
-        raise RfidUnavailable("rFID needs the pytorch-fid package: install it into ComfyUI's Python "
-                              "(python -m pip install pytorch-fid)") from exc
+        raise RfidUnavailable(
+            "rFID needs the pytorch-fid package: install it into ComfyUI's Python (python -m pip install pytorch-fid)"
+        ) from exc
     from .files import load_state_dict_file
 
     tensors = load_state_dict_file(weights_path)  # weights_only=True; a pickle with code is refused
@@ -75,7 +77,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return float(calculate_frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)))
 
 
-def rfid_per_decoder(model: torch.nn.Module, reference01: torch.Tensor, outputs: dict[str, torch.Tensor]) -> tuple[dict[str, float], str | None]:
+def rfid_per_decoder(
+    model: torch.nn.Module, reference01: torch.Tensor, outputs: dict[str, torch.Tensor]
+) -> tuple[dict[str, float], str | None]:
     """{label: rFID} against the references, and a warning when there are too few images to trust it."""
     count = reference01.shape[0]
     if count < 2:
@@ -84,6 +88,8 @@ def rfid_per_decoder(model: torch.nn.Module, reference01: torch.Tensor, outputs:
     values = {label: frechet_distance(reference, features(model, out)) for label, out in outputs.items()}
     warning = None
     if count < MIN_IMAGES:
-        warning = (f"rFID on {count} images is biased and noisy (the model cards use 5000; use {MIN_IMAGES}+ before "
-                   "reading differences between decoders)")
+        warning = (
+            f"rFID on {count} images is biased and noisy (the model cards use 5000; use {MIN_IMAGES}+ before "
+            "reading differences between decoders)"
+        )
     return values, warning

@@ -11,6 +11,7 @@ output); latents are the encoder's continuous output, *not* snapped to the codeb
 VAEEncode returns and what stage B generates. The decoder (``up_blocks`` + ``out_block``, 15.7 M
 parameters at full size) never uses the codebook; the codebook travels with the encoder half.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ class StageAConfig:
     @property
     def widths(self) -> list[int]:
         """Channels per level, full resolution first (192, 384 at full size)."""
-        return [self.c_hidden // 2 ** i for i in reversed(range(self.levels))]
+        return [self.c_hidden // 2**i for i in reversed(range(self.levels))]
 
 
 def config_from_state_dict(sd: dict[str, torch.Tensor]) -> StageAConfig:
@@ -40,8 +41,11 @@ def config_from_state_dict(sd: dict[str, torch.Tensor]) -> StageAConfig:
         indices = {int(k.split(".")[1]) for k in sd if k.startswith("up_blocks.")}
         # up_blocks: [1x1 conv, bottleneck blocks..., transposed conv (4x4), block, ...]: the 4x4 kernels count the
         # levels and the first one ends the bottleneck (positions, not counts, so a missing block shows as missing)
-        transposed = sorted(i for i in indices if getattr(sd.get(f"up_blocks.{i}.weight"), "ndim", 0) == 4
-                            and sd[f"up_blocks.{i}.weight"].shape[-1] == 4)
+        transposed = sorted(
+            i
+            for i in indices
+            if getattr(sd.get(f"up_blocks.{i}.weight"), "ndim", 0) == 4 and sd[f"up_blocks.{i}.weight"].shape[-1] == 4
+        )
         levels = len(transposed) + 1
         blocks = (transposed[0] - 1) if transposed else max(indices)
     else:
@@ -49,7 +53,9 @@ def config_from_state_dict(sd: dict[str, torch.Tensor]) -> StageAConfig:
         latent, c_hidden = sd[_encoder_out_key(sd)].shape[:2]
         levels = max(1, (int(c_hidden) // int(first)).bit_length())
         blocks = StageAConfig.bottleneck_blocks
-    codebook = sd["vquantizer.codebook.weight"].shape[0] if "vquantizer.codebook.weight" in sd else StageAConfig.codebook_size
+    codebook = (
+        sd["vquantizer.codebook.weight"].shape[0] if "vquantizer.codebook.weight" in sd else StageAConfig.codebook_size
+    )
     return StageAConfig(int(c_hidden), levels, blocks, int(latent), int(codebook))
 
 
@@ -105,7 +111,11 @@ class StageAAutoencoder(nn.Module):
                 if level > 0:
                     down.append(nn.Conv2d(widths[level - 1], width, 4, stride=2, padding=1))
                 down.append(MixingBlock(width, width * 4))
-            down.append(nn.Sequential(nn.Conv2d(widths[-1], cfg.latent_channels, 1, bias=False), nn.BatchNorm2d(cfg.latent_channels)))
+            down.append(
+                nn.Sequential(
+                    nn.Conv2d(widths[-1], cfg.latent_channels, 1, bias=False), nn.BatchNorm2d(cfg.latent_channels)
+                )
+            )
             self.down_blocks = nn.Sequential(*down)
             self.vquantizer = Codebook(cfg.codebook_size, cfg.latent_channels)
         else:
@@ -135,4 +145,3 @@ class StageAAutoencoder(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.out_block(self.up_blocks(latents))
-

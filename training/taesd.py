@@ -8,6 +8,7 @@ Architecture and state-dict layout follow madebyollin/taesd (MIT): encoder and d
 Images are in [0, 1]; latents are the raw latents of the big VAE's latent space (scaled/shifted for
 taesd..taef1 the way the host expects, unscaled for TAEF2).
 """
+
 from __future__ import annotations
 
 import os
@@ -37,14 +38,19 @@ class Block(nn.Module):
 
     def __init__(self, n_in: int, n_out: int, midblock_groupnorm: bool = False):
         super().__init__()
-        self.conv = nn.Sequential(conv3x3(n_in, n_out), nn.ReLU(), conv3x3(n_out, n_out), nn.ReLU(), conv3x3(n_out, n_out))
+        self.conv = nn.Sequential(
+            conv3x3(n_in, n_out), nn.ReLU(), conv3x3(n_out, n_out), nn.ReLU(), conv3x3(n_out, n_out)
+        )
         self.skip = nn.Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
         self.fuse = nn.ReLU()
         self.pool = None
         if midblock_groupnorm:
             wide = 4 * n_in
             self.pool = nn.Sequential(
-                nn.Conv2d(n_in, wide, 1, bias=False), nn.GroupNorm(4, wide), nn.ReLU(), nn.Conv2d(wide, n_in, 1, bias=False)
+                nn.Conv2d(n_in, wide, 1, bias=False),
+                nn.GroupNorm(4, wide),
+                nn.ReLU(),
+                nn.Conv2d(wide, n_in, 1, bias=False),
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -59,25 +65,41 @@ def _blocks(count: int, midblock_groupnorm: bool = False) -> list[nn.Module]:
 
 def tiny_encoder(latent_channels: int, midblock_groupnorm: bool = False) -> nn.Sequential:
     """Image [0,1] (B,3,H,W) -> latents (B,C,H/8,W/8)."""
-    down = lambda: conv3x3(WIDTH, WIDTH, stride=2, bias=False)
+
+    def down() -> nn.Module:
+        return conv3x3(WIDTH, WIDTH, stride=2, bias=False)
+
     return nn.Sequential(
-        conv3x3(3, WIDTH), *_blocks(1),
-        down(), *_blocks(3),
-        down(), *_blocks(3),
-        down(), *_blocks(3, midblock_groupnorm),
+        conv3x3(3, WIDTH),
+        *_blocks(1),
+        down(),
+        *_blocks(3),
+        down(),
+        *_blocks(3),
+        down(),
+        *_blocks(3, midblock_groupnorm),
         conv3x3(WIDTH, latent_channels),
     )
 
 
 def tiny_decoder(latent_channels: int, midblock_groupnorm: bool = False) -> nn.Sequential:
     """Latents (B,C,h,w) -> image (B,3,8h,8w), nominally [0,1] but not clamped."""
-    up = lambda: [nn.Upsample(scale_factor=2), conv3x3(WIDTH, WIDTH, bias=False)]
+
+    def up() -> list[nn.Module]:
+        return [nn.Upsample(scale_factor=2), conv3x3(WIDTH, WIDTH, bias=False)]
+
     return nn.Sequential(
-        SoftClamp(), conv3x3(latent_channels, WIDTH), nn.ReLU(),
-        *_blocks(3, midblock_groupnorm), *up(),
-        *_blocks(3), *up(),
-        *_blocks(3), *up(),
-        *_blocks(1), conv3x3(WIDTH, 3),
+        SoftClamp(),
+        conv3x3(latent_channels, WIDTH),
+        nn.ReLU(),
+        *_blocks(3, midblock_groupnorm),
+        *up(),
+        *_blocks(3),
+        *up(),
+        *_blocks(3),
+        *up(),
+        *_blocks(1),
+        conv3x3(WIDTH, 3),
     )
 
 
@@ -98,13 +120,16 @@ class TinyVariant:
     midblock_groupnorm: bool = False
 
 
-VARIANTS = {v.name: v for v in (
-    TinyVariant("taesd", "SD 1.x/2.x", 4, 0.18215, 0.0),
-    TinyVariant("taesdxl", "SDXL", 4, 0.13025, 0.0),
-    TinyVariant("taesd3", "SD3", 16, 1.5305, 0.0609),
-    TinyVariant("taef1", "FLUX.1", 16, 0.3611, 0.1159),
-    TinyVariant("taef2", "FLUX.2", 32, 1.0, 0.0, midblock_groupnorm=True),
-)}
+VARIANTS = {
+    v.name: v
+    for v in (
+        TinyVariant("taesd", "SD 1.x/2.x", 4, 0.18215, 0.0),
+        TinyVariant("taesdxl", "SDXL", 4, 0.13025, 0.0),
+        TinyVariant("taesd3", "SD3", 16, 1.5305, 0.0609),
+        TinyVariant("taef1", "FLUX.1", 16, 0.3611, 0.1159),
+        TinyVariant("taef2", "FLUX.2", 32, 1.0, 0.0, midblock_groupnorm=True),
+    )
+}
 
 
 def variant_from_name(file_name: str) -> TinyVariant | None:
@@ -147,8 +172,14 @@ class TinyAutoencoder(nn.Module):
     State-dict keys are canonical: madebyollin's indices under ``encoder.`` / ``decoder.``.
     """
 
-    def __init__(self, latent_channels: int, midblock_groupnorm: bool = False,
-                 latent_scale: float = 1.0, latent_shift: float = 0.0, with_encoder: bool = True):
+    def __init__(
+        self,
+        latent_channels: int,
+        midblock_groupnorm: bool = False,
+        latent_scale: float = 1.0,
+        latent_shift: float = 0.0,
+        with_encoder: bool = True,
+    ):
         super().__init__()
         self.latent_channels = latent_channels
         self.latent_scale = float(latent_scale)
@@ -157,13 +188,19 @@ class TinyAutoencoder(nn.Module):
         self.decoder = tiny_decoder(latent_channels, midblock_groupnorm)
 
     @classmethod
-    def from_canonical(cls, tensors: dict[str, torch.Tensor], latent_scale: float = 1.0,
-                       latent_shift: float = 0.0) -> TinyAutoencoder:
+    def from_canonical(
+        cls, tensors: dict[str, torch.Tensor], latent_scale: float = 1.0, latent_shift: float = 0.0
+    ) -> TinyAutoencoder:
         """Strict load of canonical tensors (see ``training.layouts``); without an encoder half the
         model is decoder-only."""
         channels = tensors["decoder.1.weight"].shape[1]
-        model = cls(int(channels), any(".pool." in k for k in tensors), latent_scale, latent_shift,
-                    with_encoder="encoder.0.weight" in tensors)
+        model = cls(
+            int(channels),
+            any(".pool." in k for k in tensors),
+            latent_scale,
+            latent_shift,
+            with_encoder="encoder.0.weight" in tensors,
+        )
         model.load_state_dict({k: v.float() for k, v in tensors.items()})
         return model
 
@@ -182,8 +219,10 @@ def load_tiny_autoencoder(encoder_path, decoder_path) -> TinyAutoencoder:
     from .files import load_state_dict_file
     from .layouts import detect
 
-    tensors = {**detect(load_state_dict_file(encoder_path), "encoder").tensors,
-               **detect(load_state_dict_file(decoder_path), "decoder").tensors}
+    tensors = {
+        **detect(load_state_dict_file(encoder_path), "encoder").tensors,
+        **detect(load_state_dict_file(decoder_path), "decoder").tensors,
+    }
     variant = variant_from_name(os.path.basename(os.fspath(decoder_path)))
     scale, shift = (variant.latent_scale, variant.latent_shift) if variant else (1.0, 0.0)
     return TinyAutoencoder.from_canonical(tensors, scale, shift)

@@ -5,6 +5,7 @@ keys (``training.layouts``), refuse quantized dtypes, check every tensor's shape
 that will hold it. ``pair_with_base`` decides how a decoder-only file gets its encoder.
 Every error names the file and what to do.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,8 +51,11 @@ class VaeWeights:
 
     @property
     def dtype(self) -> str:
-        counts = Counter(FLOAT_DTYPES.get(t.dtype, str(t.dtype)) for k, t in self.tensors.items()
-                         if not k.endswith("num_batches_tracked"))
+        counts = Counter(
+            FLOAT_DTYPES.get(t.dtype, str(t.dtype))
+            for k, t in self.tensors.items()
+            if not k.endswith("num_batches_tracked")
+        )
         return " + ".join(name for name, _ in counts.most_common())
 
     def parameter_count(self, decoder_half: bool) -> int:
@@ -72,8 +76,9 @@ def open_vae_file(path: str | os.PathLike, part_hint: str | None = None) -> VaeW
     return weights_from_state_dict(tensors, name, metadata, part_hint)
 
 
-def weights_from_state_dict(sd: dict[str, torch.Tensor], source: str, metadata: dict | None = None,
-                            part_hint: str | None = None) -> VaeWeights:
+def weights_from_state_dict(
+    sd: dict[str, torch.Tensor], source: str, metadata: dict | None = None, part_hint: str | None = None
+) -> VaeWeights:
     try:
         detected = layouts.detect(sd, part_hint)
         check_dtypes(detected.tensors)
@@ -84,11 +89,18 @@ def weights_from_state_dict(sd: dict[str, torch.Tensor], source: str, metadata: 
 
 
 def check_dtypes(tensors: dict[str, torch.Tensor]) -> None:
-    bad = sorted({str(t.dtype).replace("torch.", "") for k, t in tensors.items()
-                  if t.dtype not in FLOAT_DTYPES and not k.endswith("num_batches_tracked")})
+    bad = sorted(
+        {
+            str(t.dtype).replace("torch.", "")
+            for k, t in tensors.items()
+            if t.dtype not in FLOAT_DTYPES and not k.endswith("num_batches_tracked")
+        }
+    )
     if bad:
-        raise LayoutError(f"holds {', '.join(bad)} tensors (a quantized or converted file); VAE Lab needs fp32, fp16 "
-                          "or bf16 weights: use the original release of this VAE")
+        raise LayoutError(
+            f"holds {', '.join(bad)} tensors (a quantized or converted file); VAE Lab needs fp32, fp16 "
+            "or bf16 weights: use the original release of this VAE"
+        )
 
 
 def expected_shapes(det: Detected) -> dict[str, torch.Size]:
@@ -115,15 +127,20 @@ def check_shapes(det: Detected) -> None:
     if det.family == TINY:
         width = det.tensors.get("decoder.1.weight", det.tensors.get("encoder.0.weight"))
         if width is not None and width.shape[0] != 64:
-            raise LayoutError("this is a 32x-downscaling tiny autoencoder (TAESANA, Sana's DC-AE latent space); "
-                              "ComfyUI has no Sana models to use it with, so VAE Lab does not load it")
+            raise LayoutError(
+                "this is a 32x-downscaling tiny autoencoder (TAESANA, Sana's DC-AE latent space); "
+                "ComfyUI has no Sana models to use it with, so VAE Lab does not load it"
+            )
     expected = expected_shapes(det)
     # only the halves the file holds are required (a decoder-only file is complete without an encoder)
     required = {k for k in expected if (det.has_decoder if layouts.is_decoder_key(det.family, k) else det.has_encoder)}
     missing = sorted(required - set(det.tensors))
     extra = sorted(set(det.tensors) - set(expected))
-    wrong = [f"{k} is {tuple(t.shape)}, expected {tuple(expected[k])}" for k, t in det.tensors.items()
-             if k in expected and t.shape != expected[k]]
+    wrong = [
+        f"{k} is {tuple(t.shape)}, expected {tuple(expected[k])}"
+        for k, t in det.tensors.items()
+        if k in expected and t.shape != expected[k]
+    ]
     if missing or extra or wrong:
         problems = []
         if missing:
@@ -132,8 +149,10 @@ def check_shapes(det: Detected) -> None:
             problems.append(f"{len(extra)} unexpected tensors ({layouts._first_keys(extra, 3)})")
         if wrong:
             problems.append(f"wrong shapes: {'; '.join(wrong[:3])}")
-        raise LayoutError(f"{det.layout} {det.family_name} file does not fit its architecture: {', '.join(problems)}. "
-                          "The file is incomplete or from a different model: download it again or pick the right file")
+        raise LayoutError(
+            f"{det.layout} {det.family_name} file does not fit its architecture: {', '.join(problems)}. "
+            "The file is incomplete or from a different model: download it again or pick the right file"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,8 +169,13 @@ class Pairing:
     notes: list[str]
 
 
-def pair_with_base(decoder: VaeWeights, base: VaeWeights | None, base_latent_channels: int | None = None,
-                   use_base_encoder: bool = False, allow_merge: bool = True) -> Pairing:
+def pair_with_base(
+    decoder: VaeWeights,
+    base: VaeWeights | None,
+    base_latent_channels: int | None = None,
+    use_base_encoder: bool = False,
+    allow_merge: bool = True,
+) -> Pairing:
     """Decide where the encoding half comes from.
 
     The decoder file's own encoder is used unless ``use_base_encoder``; a decoder-only file needs a
@@ -166,27 +190,33 @@ def pair_with_base(decoder: VaeWeights, base: VaeWeights | None, base_latent_cha
     has_base = base is not None or base_latent_channels is not None
     if det.has_encoder and not (use_base_encoder and has_base):
         if use_base_encoder:
-            raise VaeFileError(f"{decoder.source}: 'encoder' is set to the base, but no base VAE is connected "
-                               "or chosen; connect base_vae or pick base_file")
+            raise VaeFileError(
+                f"{decoder.source}: 'encoder' is set to the base, but no base VAE is connected "
+                "or chosen; connect base_vae or pick base_file"
+            )
         return Pairing(decoder, None, det.tensors, [])
     if not has_base:
         raise VaeFileError(
             f"{decoder.source}: this file holds only a decoder ({det.family_name}); VAE Lab will not invent an "
             "encoder. Connect a base_vae (or pick a base_file) from the same latent space, e.g. the VAE this "
-            "decoder was finetuned from")
+            "decoder was finetuned from"
+        )
     channels = base.detected.latent_channels if base is not None else base_latent_channels
     base_name = base.source if base is not None else "the base VAE"
     if channels != det.latent_channels:
         raise VaeFileError(
             f"{decoder.source}: this decoder takes {det.latent_channels}-channel latents but {base_name} makes "
             f"{channels}-channel latents: they are different latent spaces. Pick a base from the decoder's own "
-            "family (e.g. the SDXL VAE for an SDXL decoder)")
+            "family (e.g. the SDXL VAE for an SDXL decoder)"
+        )
     if base is not None and not base.detected.has_encoder:
         raise VaeFileError(f"{base.source}: the base holds no encoder either; pick a full VAE as the base")
     notes = [f"encoder from {base_name}"]
     if base is not None and base.family != det.family and STAGE_A in (base.family, det.family):
-        raise VaeFileError(f"{decoder.source} ({det.family_name}) and {base_name} ({base.detected.family_name}) are "
-                           "different latent spaces; a stage A decoder pairs only with a stage A encoder")
+        raise VaeFileError(
+            f"{decoder.source} ({det.family_name}) and {base_name} ({base.detected.family_name}) are "
+            "different latent spaces; a stage A decoder pairs only with a stage A encoder"
+        )
     if base is None or base.family != det.family or not allow_merge:
         return Pairing(decoder, base, None, notes)
     enc_half, _ = layouts.split_parts(base.detected)
@@ -200,9 +230,11 @@ def pair_with_base(decoder: VaeWeights, base: VaeWeights | None, base_latent_cha
         elif "post_quant_conv.weight" in dec_half and not base_quant:
             raise VaeFileError(
                 f"{decoder.source}: this decoder has a post_quant_conv (SD/SDXL style) but {base_name} has no "
-                "quant_conv (SD3/FLUX style): different latent spaces. Pick the base this decoder was made for")
-    merged_det = Detected(det.family, det.layout, merged, det.latent_channels, True, True,
-                          midblock_groupnorm=det.midblock_groupnorm)
+                "quant_conv (SD3/FLUX style): different latent spaces. Pick the base this decoder was made for"
+            )
+    merged_det = Detected(
+        det.family, det.layout, merged, det.latent_channels, True, True, midblock_groupnorm=det.midblock_groupnorm
+    )
     try:
         check_shapes(merged_det)
     except LayoutError as exc:
@@ -238,8 +270,12 @@ def describe_weights(w: VaeWeights) -> list[str]:
     lines = [
         f"{w.source}: {det.family_name}",
         f"  layout {det.layout}" + (f" inside '{det.wrapper}'" if det.wrapper else "") + f", {det.parts}, {w.dtype}",
-        "  parameters: " + ", ".join(f"{half} {w.parameter_count(half == 'decoder') / 1e6:.2f} M" for half, present in
-                                     (("encoder", det.has_encoder), ("decoder", det.has_decoder)) if present),
+        "  parameters: "
+        + ", ".join(
+            f"{half} {w.parameter_count(half == 'decoder') / 1e6:.2f} M"
+            for half, present in (("encoder", det.has_encoder), ("decoder", det.has_decoder))
+            if present
+        ),
     ]
     lines += [f"  {note}" for note in det.notes]
     if w.metadata:
@@ -248,8 +284,9 @@ def describe_weights(w: VaeWeights) -> list[str]:
     return lines
 
 
-def build_autoencoder(family: str, tensors: dict[str, torch.Tensor], latent_scale: float = 1.0,
-                      latent_shift: float = 0.0) -> torch.nn.Module:
+def build_autoencoder(
+    family: str, tensors: dict[str, torch.Tensor], latent_scale: float = 1.0, latent_shift: float = 0.0
+) -> torch.nn.Module:
     """Our module for canonical tensors (strict; decoder-only when the encoder half is absent)."""
     if family == KL:
         return KlAutoencoder.from_state_dict(tensors)

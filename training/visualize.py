@@ -1,17 +1,20 @@
 """Pictures of errors: ΔE heatmaps and labelled side-by-side grids, as float tensors in [0, 1]."""
+
 from __future__ import annotations
 
 import torch
 
 # A perceptually ordered dark-to-bright ramp (black, violet, red, orange, pale yellow): equal steps of
 # error read as equal steps of brightness, and it stays readable in grayscale.
-_HEAT_STOPS = torch.tensor([
-    [0.00, 0.00, 0.02],
-    [0.30, 0.05, 0.45],
-    [0.75, 0.15, 0.30],
-    [0.98, 0.50, 0.05],
-    [0.99, 0.99, 0.75],
-])
+_HEAT_STOPS = torch.tensor(
+    [
+        [0.00, 0.00, 0.02],
+        [0.30, 0.05, 0.45],
+        [0.75, 0.15, 0.30],
+        [0.98, 0.50, 0.05],
+        [0.99, 0.99, 0.75],
+    ]
+)
 
 
 def heatmap(values: torch.Tensor, vmax: float) -> torch.Tensor:
@@ -45,8 +48,22 @@ def grid(rows: list[list[torch.Tensor]], gap: int = 4) -> torch.Tensor:
 
 
 # Pillow's built-in font draws ASCII (and a few Latin-1 signs); everything else would be an empty box
-_SPELLED = {"Δ": "d", "→": "->", "←": "<-", "²": "2", "×": "x", "≥": ">=", "≤": "<=", "–": "-", "—": "-", "μ": "u",
-            "ß": "ss", "’": "'", "“": '"', "”": '"'}
+_SPELLED = {
+    "Δ": "d",
+    "→": "->",
+    "←": "<-",
+    "²": "2",
+    "×": "x",
+    "≥": ">=",
+    "≤": "<=",
+    "–": "-",
+    "—": "-",
+    "μ": "u",
+    "ß": "ss",
+    "’": "'",
+    "“": '"',
+    "”": '"',
+}
 
 
 def drawable(text: str) -> str:
@@ -75,14 +92,19 @@ def save_png(image: torch.Tensor, path: str) -> None:
     from PIL import Image
 
     array = (image.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255 + 0.5).astype(np.uint8)
-    Image.fromarray(array).save(path)
+    Image.fromarray(array).save(path, format="PNG")
 
 
 PLOT_COLOURS = [(240, 170, 60), (90, 170, 240), (150, 220, 120), (230, 100, 120)]
 
 
-def line_plot(series: dict[str, list[tuple[float, float]]], title: str = "", width: int = 640, height: int = 320,
-              log_y: bool = False) -> torch.Tensor:
+def line_plot(
+    series: dict[str, list[tuple[float, float]]],
+    title: str = "",
+    width: int = 640,
+    height: int = 320,
+    log_y: bool = False,
+) -> torch.Tensor:
     """A small line chart: ``series`` maps a name to (x, y) points; -> (3, H, W) in [0, 1]. Each series is
     scaled to its own y range (labelled in the legend), so a loss and a PSNR can share one picture."""
     import math
@@ -105,14 +127,16 @@ def line_plot(series: dict[str, list[tuple[float, float]]], title: str = "", wid
             ys = [y for _, y in finite]
             y_low, y_high = min(ys), max(ys)
             span_x, span_y = max(x_high - x_low, 1e-9), max(y_high - y_low, 1e-12)
-            coords = [(left + (x - x_low) / span_x * (right - left), bottom - (y - y_low) / span_y * (bottom - top))
-                      for x, y in finite]
+            coords = [
+                (left + (x - x_low) / span_x * (right - left), bottom - (y - y_low) / span_y * (bottom - top))
+                for x, y in finite
+            ]
             if len(coords) == 1:
                 cx, cy = coords[0]
                 draw.ellipse((cx - 2, cy - 2, cx + 2, cy + 2), fill=colour)
             else:
                 draw.line(coords, fill=colour, width=2)
-            shown = (lambda v: f"{10 ** v:.4g}") if log_y else (lambda v: f"{v:.4g}")
+            shown = (lambda v: f"{10**v:.4g}") if log_y else (lambda v: f"{v:.4g}")
             legend = f"{name}: {shown(finite[0][1])} → {shown(finite[-1][1])}  (range {shown(y_low)}–{shown(y_high)})"
         draw.text((left, bottom + 4 + 14 * i), legend, fill=colour)
     return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255).permute(2, 0, 1)

@@ -10,6 +10,7 @@ Writes into <cache dir> (skipping files already there) and prints their paths as
 - stage_a.safetensors: the same stage A on its own (fp32), like the release's file;
 - effnet_encoder.safetensors: the stage-C EfficientNet encoder.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,10 @@ def main() -> None:
 
     folder = os.path.join(CACHE, f"stable_cascade_random_{VERSION}")
     os.makedirs(folder, exist_ok=True)
-    paths = {name: os.path.join(folder, name) for name in
-             ("stable_cascade_stage_b.safetensors", "stage_a.safetensors", "effnet_encoder.safetensors")}
+    paths = {
+        name: os.path.join(folder, name)
+        for name in ("stable_cascade_stage_b.safetensors", "stage_a.safetensors", "effnet_encoder.safetensors")
+    }
     note = {"modelspec.title": "random weights in the Stable Cascade layout (VAE Lab tests)"}
     stage_a = random_like(shapes_of(StageA()), 1)
     stage_a = {k: (v if not k.endswith(".gammas") else torch.full_like(v, 0.1)) for k, v in stage_a.items()}
@@ -67,8 +70,13 @@ def main() -> None:
         atomic_save(stage_a, paths["stage_a.safetensors"], note)
     if not os.path.exists(paths["stable_cascade_stage_b.safetensors"]):
         with torch.device("meta"):  # stage B lite, as model_detection recognises it (channelwise width 576)
-            unet = StageB(c_hidden=[320, 576, 1152, 1152], nhead=[-1, 9, 18, 18], blocks=[[2, 4, 14, 4], [4, 14, 4, 2]],
-                          block_repeat=[[1, 1, 1, 1], [2, 2, 2, 2]], operations=comfy.ops.disable_weight_init)
+            unet = StageB(
+                c_hidden=[320, 576, 1152, 1152],
+                nhead=[-1, 9, 18, 18],
+                blocks=[[2, 4, 14, 4], [4, 14, 4, 2]],
+                block_repeat=[[1, 1, 1, 1], [2, 2, 2, 2]],
+                operations=comfy.ops.disable_weight_init,
+            )
         weights = {f"model.diffusion_model.{k}": v for k, v in random_like(shapes_of(unet), 2, torch.bfloat16).items()}
         weights.update({f"vae.{k}": v for k, v in stage_a.items()})
         atomic_save(weights, paths["stable_cascade_stage_b.safetensors"], note)
@@ -77,7 +85,9 @@ def main() -> None:
         effnet = EfficientNetEncoder()  # torchvision's own initialisation: a working (untrained) encoder ...
         with torch.no_grad():  # ... except the mapper, a ComfyUI op left uninitialised (torch.empty)
             effnet.mapper[0].weight.normal_(0, 0.02)
-        atomic_save({k: v.detach().clone() for k, v in effnet.state_dict().items()}, paths["effnet_encoder.safetensors"], note)
+        atomic_save(
+            {k: v.detach().clone() for k, v in effnet.state_dict().items()}, paths["effnet_encoder.safetensors"], note
+        )
     print(json.dumps(paths))
 
 

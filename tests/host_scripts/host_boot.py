@@ -1,6 +1,7 @@
 """What every host script does first: ComfyUI's code importable on the CPU, then this pack imported the way
 ComfyUI imports a custom node (a package from its ``__init__.py`` named ``vae_lab``, never the folder on
 sys.path, whose ``nodes/`` would shadow ComfyUI's ``nodes.py``)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -19,7 +20,9 @@ def boot(comfy_dir: str):
 
     import nodes  # noqa: F401  (ComfyUI's nodes.py, loaded before the pack)
 
-    spec = importlib.util.spec_from_file_location("vae_lab", os.path.join(PACK, "__init__.py"), submodule_search_locations=[PACK])
+    spec = importlib.util.spec_from_file_location(
+        "vae_lab", os.path.join(PACK, "__init__.py"), submodule_search_locations=[PACK]
+    )
     pack = importlib.util.module_from_spec(spec)
     sys.modules["vae_lab"] = pack
     spec.loader.exec_module(pack)

@@ -5,6 +5,7 @@ Prints one JSON object: for every case, the largest absolute difference between 
 reference in core VAEDecode, VAEEncode and VAEDecodeTiled; and the messages of the refusals.
 Usage: python loader_equality.py <comfyui dir> <scratch dir>
 """
+
 from __future__ import annotations
 
 import json
@@ -20,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from vae_lab.nodes.load_tiny_autoencoder import LoadTinyAutoencoder
 from vae_lab.nodes.load_vae_decoder import LoadVAEDecoder
-from vae_lab.training import klf8, layouts, taesd
+from vae_lab.training import key_maps, klf8, taesd
 
 import nodes
 
@@ -46,16 +47,31 @@ kl4 = jittered(klf8.KlAutoencoder(klf8.KlConfig()), 1).state_dict()
 kl16 = jittered(klf8.KlAutoencoder(klf8.KlConfig(z_channels=16, quant_convs=False)), 2).state_dict()
 tiny4 = jittered(taesd.TinyAutoencoder(4), 3).state_dict()
 save("vae", "kl4_ldm.safetensors", kl4, {"modelspec.license": "CC BY-NC-SA 4.0", "version": "1.0"})
-save("vae", "kl4_diffusers.safetensors", {k: v.half() for k, v in layouts.diffusers_from_ldm(kl4).items()})
+save("vae", "kl4_diffusers.safetensors", {k: v.half() for k, v in key_maps.diffusers_from_ldm(kl4).items()})
 save("vae", "kl16_ldm.safetensors", {k: v.to(torch.bfloat16) for k, v in kl16.items()})
 save("vae", "kl4_decoder_only.safetensors", {k: v for k, v in kl4.items() if k.startswith("decoder.")})
 save("vae_approx", "misplaced_kl_decoder.safetensors", {k: v for k, v in kl4.items() if k.startswith("decoder.")})
-torch.save({"state_dict": {"first_stage_model." + k: v for k, v in kl4.items()}}, os.path.join(SCRATCH, "vae", "whole_checkpoint.ckpt"))
-save("vae_approx", "taesd_encoder.safetensors", {k[len("encoder."):]: v for k, v in tiny4.items() if k.startswith("encoder.")})
-save("vae_approx", "taesd_decoder.safetensors", {k[len("decoder."):]: v for k, v in tiny4.items() if k.startswith("decoder.")})
-save("vae_approx", "tiny4lone_decoder.safetensors", {k[len("decoder."):]: v for k, v in tiny4.items() if k.startswith("decoder.")})
-save("vae", "taesd_combined.safetensors", layouts.comfy_from_tiny(tiny4, 0.18215, 0.0))
-save("vae_approx", "taesd_diffusers.safetensors", layouts.diffusers_from_tiny(tiny4))
+torch.save(
+    {"state_dict": {"first_stage_model." + k: v for k, v in kl4.items()}},
+    os.path.join(SCRATCH, "vae", "whole_checkpoint.ckpt"),
+)
+save(
+    "vae_approx",
+    "taesd_encoder.safetensors",
+    {k[len("encoder.") :]: v for k, v in tiny4.items() if k.startswith("encoder.")},
+)
+save(
+    "vae_approx",
+    "taesd_decoder.safetensors",
+    {k[len("decoder.") :]: v for k, v in tiny4.items() if k.startswith("decoder.")},
+)
+save(
+    "vae_approx",
+    "tiny4lone_decoder.safetensors",
+    {k[len("decoder.") :]: v for k, v in tiny4.items() if k.startswith("decoder.")},
+)
+save("vae", "taesd_combined.safetensors", key_maps.comfy_from_tiny(tiny4, 0.18215, 0.0))
+save("vae_approx", "taesd_diffusers.safetensors", key_maps.diffusers_from_tiny(tiny4))
 kl_f4 = jittered(klf8.KlAutoencoder(klf8.KlConfig(ch_mult=(1, 2, 4))), 4).state_dict()
 save("vae", "x4_upscaler_vae.safetensors", kl_f4)
 
@@ -82,9 +98,11 @@ def decode_tiled(vae, z):
 def compare(case, ours, reference, channels, encode_too=True):
     z = torch.randn(1, channels, 16, 16, generator=torch.Generator().manual_seed(7))
     pixels = torch.rand(1, 96, 96, 3, generator=torch.Generator().manual_seed(8))
-    row = {"decode": (decode(ours, z) - decode(reference, z)).abs().max().item(),
-           "decode_tiled": (decode_tiled(ours, z) - decode_tiled(reference, z)).abs().max().item(),
-           "type": type(ours.first_stage_model).__name__}
+    row = {
+        "decode": (decode(ours, z) - decode(reference, z)).abs().max().item(),
+        "decode_tiled": (decode_tiled(ours, z) - decode_tiled(reference, z)).abs().max().item(),
+        "type": type(ours.first_stage_model).__name__,
+    }
     if encode_too:
         row["encode"] = (encode(ours, pixels) - encode(reference, pixels)).abs().max().item()
     results[case] = row
@@ -100,11 +118,15 @@ def refused(case, fn):
 
 
 def ours_kl(name, **kw):
-    return LoadVAEDecoder.execute(vae_name=name, encoder=kw.pop("encoder", "from this file"), base_file=kw.pop("base_file", "(none)"), **kw)
+    return LoadVAEDecoder.execute(
+        vae_name=name, encoder=kw.pop("encoder", "from this file"), base_file=kw.pop("base_file", "(none)"), **kw
+    )
 
 
 def ours_tiny(name, **kw):
-    return LoadTinyAutoencoder.execute(name=name, latent_space=kw.pop("latent_space", "auto"), encoder=kw.pop("encoder", "from this file"), **kw)
+    return LoadTinyAutoencoder.execute(
+        name=name, latent_space=kw.pop("latent_space", "auto"), encoder=kw.pop("encoder", "from this file"), **kw
+    )
 
 
 with torch.inference_mode():
@@ -114,31 +136,51 @@ with torch.inference_mode():
     compare("kl4 diffusers fp16", ours_kl("kl4_diffusers.safetensors").result[0], core("kl4_diffusers.safetensors"), 4)
     compare("kl16 LDM bf16", ours_kl("kl16_ldm.safetensors").result[0], core("kl16_ldm.safetensors"), 16)
     compare("kl4 whole checkpoint .ckpt", ours_kl("whole_checkpoint.ckpt").result[0], core("kl4_ldm.safetensors"), 4)
-    compare("kl4 decoder-only + base_file", ours_kl("kl4_decoder_only.safetensors", base_file="kl4_ldm.safetensors").result[0],
-            core("kl4_ldm.safetensors"), 4)
-    compare("kl4 decoder-only + base_vae", ours_kl("kl4_decoder_only.safetensors", base_vae=core("kl4_ldm.safetensors")).result[0],
-            core("kl4_ldm.safetensors"), 4)
+    compare(
+        "kl4 decoder-only + base_file",
+        ours_kl("kl4_decoder_only.safetensors", base_file="kl4_ldm.safetensors").result[0],
+        core("kl4_ldm.safetensors"),
+        4,
+    )
+    compare(
+        "kl4 decoder-only + base_vae",
+        ours_kl("kl4_decoder_only.safetensors", base_vae=core("kl4_ldm.safetensors")).result[0],
+        core("kl4_ldm.safetensors"),
+        4,
+    )
     compare("taesd pair", ours_tiny("taesd").result[0], core("taesd"), 4)
-    compare("taesd combined file", ours_tiny("taesd_combined.safetensors").result[0], core("taesd_combined.safetensors"), 4)
+    compare(
+        "taesd combined file", ours_tiny("taesd_combined.safetensors").result[0], core("taesd_combined.safetensors"), 4
+    )
     compare("taesd diffusers AutoencoderTiny", ours_tiny("taesd_diffusers.safetensors").result[0], core("taesd"), 4)
-    compare("x4 upscaler kl-f4", ours_kl("x4_upscaler_vae.safetensors").result[0], core("x4_upscaler_vae.safetensors"), 4)
+    compare(
+        "x4 upscaler kl-f4", ours_kl("x4_upscaler_vae.safetensors").result[0], core("x4_upscaler_vae.safetensors"), 4
+    )
 
     # hybrid: the kl4 encoder with a lone TAESD decoder; reference: core taesd for decoding, core kl4 for encoding
-    hybrid = ours_tiny("tiny4lone_decoder.safetensors", latent_space="SD 1.x/2.x (taesd)", base_vae=core("kl4_ldm.safetensors")).result[0]
+    hybrid = ours_tiny(
+        "tiny4lone_decoder.safetensors", latent_space="SD 1.x/2.x (taesd)", base_vae=core("kl4_ldm.safetensors")
+    ).result[0]
     compare("hybrid decode (vs core taesd)", hybrid, core("taesd"), 4, encode_too=False)
     pixels = torch.rand(1, 96, 96, 3, generator=torch.Generator().manual_seed(8))
-    results["hybrid encode (vs core kl4)"] = {"encode": (encode(hybrid, pixels) - encode(core("kl4_ldm.safetensors"), pixels)).abs().max().item()}
+    results["hybrid encode (vs core kl4)"] = {
+        "encode": (encode(hybrid, pixels) - encode(core("kl4_ldm.safetensors"), pixels)).abs().max().item()
+    }
 
     # hybrid the other way: a kl decoder (VAE Lab's kl module) on the TAESD encoder
     kl_on_tiny = ours_kl("kl4_ldm.safetensors", encoder="from base", base_vae=core("taesd")).result[0]
     compare("hybrid kl decoder (vs core kl4)", kl_on_tiny, core("kl4_ldm.safetensors"), 4, encode_too=False)
-    results["hybrid kl decoder encode (vs core taesd)"] = {"encode": (encode(kl_on_tiny, pixels) - encode(core("taesd"), pixels)).abs().max().item()}
+    results["hybrid kl decoder encode (vs core taesd)"] = {
+        "encode": (encode(kl_on_tiny, pixels) - encode(core("taesd"), pixels)).abs().max().item()
+    }
 
     # TAEF2: no core reference can load it; the reference is madebyollin's math in training.taesd
     taef2_out = ours_tiny("taef2 (bundled)")
     taef2 = taef2_out.result[0]
-    module = taesd.load_tiny_autoencoder(os.path.join(PACK, "assets", "taef2", "taef2_encoder.pth"),
-                                         os.path.join(PACK, "assets", "taef2", "taef2_decoder.pth")).eval()
+    module = taesd.load_tiny_autoencoder(
+        os.path.join(PACK, "assets", "taef2", "taef2_encoder.pth"),
+        os.path.join(PACK, "assets", "taef2", "taef2_decoder.pth"),
+    ).eval()
     z = torch.randn(1, 32, 16, 16, generator=torch.Generator().manual_seed(7))
     pixels = torch.rand(1, 96, 96, 3, generator=torch.Generator().manual_seed(8))
     results["taef2 bundled (vs training.taesd)"] = {
@@ -151,13 +193,29 @@ with torch.inference_mode():
     save("vae", "taef2_vaesave.safetensors", taef2.get_sd())
     refused("core VAELoader on saved taef2", lambda: core("taef2_vaesave.safetensors"))
     reloaded = ours_tiny("taef2_vaesave.safetensors").result[0]
-    results["taef2 saved by VAESave, reloaded by us"] = {"decode": (decode(reloaded, z) - decode(taef2, z)).abs().max().item()}
+    results["taef2 saved by VAESave, reloaded by us"] = {
+        "decode": (decode(reloaded, z) - decode(taef2, z)).abs().max().item()
+    }
 
     refused("decoder-only without base", lambda: ours_kl("kl4_decoder_only.safetensors"))
     refused("tiny file in Load VAE Decoder", lambda: ours_kl("taesd_combined.safetensors"))
     refused("kl file in Load Tiny Autoencoder", lambda: ours_tiny("misplaced_kl_decoder.safetensors"))
-    refused("16ch base for 4ch decoder", lambda: ours_kl("kl4_decoder_only.safetensors", base_file="kl16_ldm.safetensors"))
-    refused("both bases", lambda: ours_kl("kl4_decoder_only.safetensors", base_file="kl4_ldm.safetensors", base_vae=taef2))
+    refused(
+        "16ch base for 4ch decoder", lambda: ours_kl("kl4_decoder_only.safetensors", base_file="kl16_ldm.safetensors")
+    )
+    refused(
+        "both bases", lambda: ours_kl("kl4_decoder_only.safetensors", base_file="kl4_ldm.safetensors", base_vae=taef2)
+    )
 
-print("RESULT " + json.dumps({"results": results, "refusals": refusals, "info": info, "taef2_info": taef2_out.result[1],
-                               "tiny_choices": LoadTinyAutoencoder.define_schema().inputs[0].options}))
+print(
+    "RESULT "
+    + json.dumps(
+        {
+            "results": results,
+            "refusals": refusals,
+            "info": info,
+            "taef2_info": taef2_out.result[1],
+            "tiny_choices": LoadTinyAutoencoder.define_schema().inputs[0].options,
+        }
+    )
+)
