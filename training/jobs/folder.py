@@ -80,7 +80,7 @@ def new_spec(
     """(spec, note) for a new job: the named recipe (its no-LPIPS fallback, with a note, when the LPIPS weights are not
     found now; the backbone file found is recorded so the worker uses the same one), ``learning_rate`` > 0 overriding
     the recipe's. What Start Finetune Job and tools/make_job.py both make."""
-    from .perceptual import find_backbone_file
+    from ..perceptual import find_backbone_file
 
     wanted = recipes.RECIPES[recipe_name]
     backbone = find_backbone_file(wanted.lpips_net) if wanted.uses_lpips else None
