@@ -181,3 +181,22 @@ def test_bundled_assets_have_provenance():
     for path in glob.glob(os.path.join(ROOT, "assets", "images", "*")):
         if not path.endswith(".md"):
             assert os.path.basename(path) in sources, f"{path}: no provenance in SOURCES.md"
+
+
+def test_every_import_in_the_library_resolves_also_the_ones_inside_functions():
+    """Imports inside functions run only on their path (a relative one that points at the wrong package fails only
+    when, say, Start Finetune Job runs in ComfyUI): every ``from .x import y`` in training/ must name a module that
+    exists and a name it defines."""
+    import importlib
+
+    for path in glob.glob(os.path.join(ROOT, "training", "**", "*.py"), recursive=True):
+        package = os.path.relpath(os.path.dirname(path), ROOT).replace(os.sep, ".")
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+                module = importlib.import_module(target)
+                for alias in node.names:
+                    assert hasattr(module, alias.name) or importlib.util.find_spec(f"{target}.{alias.name}"), (
+                        f"{path}:{node.lineno}: {target} has no {alias.name}"
+                    )
