@@ -33,13 +33,27 @@ def page(comfy_server):
         browser.close()
 
 
+def load_and_queue(page, workflow: str, node_type: str) -> None:
+    """Loads a workflow (JSON text) into the canvas and queues it, once the frontend knows every node type in it:
+    right after the page opens, the graph exists before the node definitions have arrived, and a graph loaded then
+    holds placeholder nodes (the prompt it makes lacks their class_type, and ComfyUI refuses it). So the graph is
+    loaded until the prompt it makes names a class for every node and holds ``node_type``, then queued."""
+    page.wait_for(
+        f"(async () => {{ await {APP}.loadGraphData({workflow}); const nodes = Object.values((await "
+        f"{APP}.graphToPrompt()).output); return nodes.length > 0 && nodes.every(n => n.class_type) && "
+        f"nodes.some(n => n.class_type === {json.dumps(node_type)}); }})()",
+        120,
+    )
+    page.evaluate(f"(async () => {{ await {APP}.queuePrompt(0, 1); }})()")
+
+
 def _node_js(node_type):
     return f"{APP}.graph._nodes.find(n => n.type === {json.dumps(node_type)})"
 
 
 def test_summary_appears_on_the_node_and_is_never_saved(page):
     workflow = open(os.path.join(ROOT, "example_workflows", "oklab_loss_palette.json")).read()
-    page.evaluate(f"(async () => {{ await {APP}.loadGraphData({workflow}); await {APP}.queuePrompt(0, 1); }})()")
+    load_and_queue(page, workflow, "VAELab_OklabLoss")
     text = page.wait_for(
         f"(() => {{ const n = {_node_js('VAELab_OklabLoss')}; "
         "const w = n?.widgets?.find(w => w.name === 'vae_lab_summary'); return w?.value; })()",
@@ -66,9 +80,7 @@ def test_ab_slider_shows_both_reconstructions_and_follows_the_range(page):
     for node in workflow["nodes"]:  # 1 training step instead of 10: this test is about the widget
         if node["type"] == "VAELab_DecoderFinetuneSteps":
             node["widgets_values"][2] = 1
-    page.evaluate(
-        f"(async () => {{ await {APP}.loadGraphData({json.dumps(workflow)}); await {APP}.queuePrompt(0, 1); }})()"
-    )
+    load_and_queue(page, json.dumps(workflow), "VAELab_CompareReconstructions")
     root = f"{_node_js('VAELab_CompareReconstructions')}?.widgets?.find(w => w.name === 'vae_lab_ab')?.element"
     loaded = page.wait_for(
         f"(() => {{ const r = {root}; if (!r) return false; const imgs = [...r.querySelectorAll('img')]; "
@@ -111,9 +123,7 @@ def test_jobs_panel_shows_a_running_job_and_its_stop_button_stops_it(page):
             node["widgets_values"][10] = name
     page.evaluate(f"{APP}.extensionManager.sidebarTab.toggleSidebarTab('vae-lab-jobs')")
     page.wait_for("!!document.querySelector('.vae-lab-panel')", 30)
-    page.evaluate(
-        f"(async () => {{ await {APP}.loadGraphData({json.dumps(workflow)}); await {APP}.queuePrompt(0, 1); }})()"
-    )
+    load_and_queue(page, json.dumps(workflow), "VAELab_StartFinetuneJob")
     card = f"document.querySelector('.vae-lab-job[data-job=\"{name}\"]')"
     page.wait_for(
         f"(() => {{ const c = {card}; return c && c.dataset.state === 'running' && Number(c.dataset.step) > 0 "
