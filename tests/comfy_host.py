@@ -159,7 +159,7 @@ class ComfyServer:
         except urllib.error.HTTPError as exc:
             raise AssertionError(f"POST {path} -> {exc.code}: {exc.read().decode(errors='replace')[:4000]}") from exc
 
-    def run_prompt(self, prompt: dict, timeout: float = 300, expect_error: bool = False) -> dict:
+    def run_prompt(self, prompt: dict, timeout: float = 900, expect_error: bool = False) -> dict:
         """Queues an API-format prompt, waits for it, returns its history entry; fails on execution_error
         (or, with ``expect_error``, returns that error's data and fails without one)."""
         answer = self.post("/prompt", {"prompt": prompt, "client_id": uuid.uuid4().hex})
