@@ -62,6 +62,12 @@ def _python_of(comfy_dir: str) -> str:
     raise RuntimeError(f"no Python for ComfyUI: set COMFYUI_PYTHON or create {comfy_dir}/venv")
 
 
+def newest_release() -> str | None:
+    """The newest release among the hosts found (None without any)."""
+    found = hosts()
+    return max(found, key=lambda h: release_tuple(h.release)).release if found else None
+
+
 def hosts() -> list[Host]:
     """The hosts ``tools/test.sh`` found (``VAE_LAB_HOSTS``: lines of release, folder, Python separated by tabs, as
     ``tools/hosts.sh`` prints them); without it, ``COMFYUI_DIR`` alone (pytest run by hand)."""
@@ -252,11 +258,12 @@ def run_host_script(host: Host, name: str, *args: str, timeout: float = 900) -> 
 
 
 def cascade_files(host: Host) -> dict[str, str]:
-    """Random-weight Stable Cascade files (stage-B-lite checkpoint with stage A, stage A, effnet), made once per
-    machine and release by that ComfyUI's own Python (tests/host_scripts/cascade_files.py) under
-    ``$VAE_LAB_TEST_CACHE/<release>`` (default ~/.cache/vae_lab_tests; 1.6 GB each). Name -> path."""
+    """Random-weight Stable Cascade files (stage-B-lite checkpoint with stage A, stage A, effnet) in the layout of
+    this release's own classes, made by its Python (tests/host_scripts/cascade_files.py) under
+    ``$VAE_LAB_TEST_CACHE`` (default ~/.cache/vae_lab_tests; 1.6 GB), once per machine and layout: releases whose
+    classes agree share them. Name -> path."""
     cache = os.environ.get("VAE_LAB_TEST_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "vae_lab_tests"))
-    result = run_host_script(host, "cascade_files.py", os.path.join(cache, host.release))
+    result = run_host_script(host, "cascade_files.py", cache)
     if result.returncode != 0:
         raise RuntimeError(f"cascade_files.py failed:\n{result.stderr[-4000:]}")
     return json.loads(result.stdout.strip().splitlines()[-1])

@@ -9,7 +9,7 @@ import os
 import colour
 import numpy as np
 import pytest
-from comfy_host import PACK_NAME, ROOT, cascade_files, ui_to_api
+from comfy_host import PACK_NAME, ROOT, cascade_files, newest_release, ui_to_api
 from PIL import Image
 from test_pack import node_schemas
 
@@ -208,15 +208,16 @@ def check_finetune_decoder_on_folder(entry, prompt, server):
 
 
 def check_continue_training(entry, prompt, server):
-    """Two chained 20-step nodes give exactly what one 40-step node gives."""
+    """Two chained nodes (20 + 20 steps) give exactly what one node of their summed steps gives."""
     nodes = [k for k, v in prompt.items() if v["class_type"] == "VAELab_DecoderFinetuneSteps"]
     second = next(k for k in nodes if "training_state" in prompt[k]["inputs"])
     first = prompt[second]["inputs"]["training_state"][0]
-    assert entry["outputs"][second]["vae_lab"][0]["step"] == 40
+    total = prompt[first]["inputs"]["steps"] + prompt[second]["inputs"]["steps"]
+    assert entry["outputs"][second]["vae_lab"][0]["step"] == total
     single = json.loads(json.dumps(prompt))
     single[second]["inputs"].pop("training_state")
     single[second]["inputs"]["vae"] = prompt[first]["inputs"]["vae"]
-    single[second]["inputs"]["steps"] = 40
+    single[second]["inputs"]["steps"] = total
     single_entry = server.run_prompt(single)
     preview = next(
         k
@@ -426,7 +427,7 @@ def check_posthoc_ema(entry, prompt, server):
     assert values["snapshots"] >= 4
     rows = values["table"]
     assert set(rows) == {"σ_rel 0.05", "σ_rel 0.1", "σ_rel 0.15 (chosen)", "σ_rel 0.2"}
-    assert all(np.isfinite(r["psnr"]) and r["psnr"] > 20 for r in rows.values())
+    assert all(np.isfinite(r["psnr"]) and r["psnr"] > 20 for r in rows.values()), rows
     assert len({round(r["psnr"], 6) for r in rows.values()}) > 1  # the lengths really differ
     decode = _node(prompt, "VAEDecode")
     base = json.loads(json.dumps(prompt))
@@ -490,8 +491,9 @@ def check_load_finetune_job(entry, prompt, server):
     from training import jobs as lab_jobs
 
     load = _node(prompt, "VAELab_LoadFinetuneJob")
-    assert "done at step 40 / 40" in entry["outputs"][load]["text"][0]
     folder = os.path.join(server.base, "output", "vae_lab_jobs", "taef2_background")
+    total = lab_jobs.load_spec(folder).total_steps  # 40 as the start workflow says (10 where it ran lighter)
+    assert f"done at step {total} / {total}" in entry["outputs"][load]["text"][0]
     state = lab_jobs.latest_checkpoint(folder)
     model = _taef2()
     model.load_state_dict({**model.state_dict(), **state["ema"]["shadow"]})
@@ -529,6 +531,60 @@ PREPARE = {
 }
 
 
+def fewer_steps(prompt: dict) -> dict:
+    """A quarter of every VAE Lab node's steps (at least 2) and crops of at most 64 px. A node that keeps post-hoc EMA
+    snapshots keeps its steps: 12 steps leave too few snapshots, and one EMA length was rebuilt at 11 dB."""
+    lighter = json.loads(json.dumps(prompt))
+    for node in lighter.values():
+        if not node["class_type"].startswith("VAELab_"):
+            continue
+        values = node["inputs"]
+        for key in ("steps", "total_steps", "checkpoint_interval"):
+            if isinstance(values.get(key), int) and not values.get("posthoc_ema"):
+                values[key] = max(2, values[key] // 4)
+        if isinstance(values.get("crop_size"), int):
+            values["crop_size"] = min(values["crop_size"], 64)
+    return lighter
+
+
+def smaller_image(prompt: dict) -> dict:
+    """Every loaded image scaled to 256 px before anything uses it."""
+    lighter = json.loads(json.dumps(prompt))
+    for node_id, node in list(lighter.items()):
+        if node["class_type"] == "LoadImage":
+            scaled = f"{node_id}_256"
+            for other in lighter.values():
+                for key, value in other["inputs"].items():
+                    if value == [node_id, 0]:
+                        other["inputs"][key] = [scaled, 0]
+            lighter[scaled] = {
+                "class_type": "ImageScale",
+                "inputs": {
+                    "image": [node_id, 0],
+                    "upscale_method": "area",
+                    "width": 256,
+                    "height": 256,
+                    "crop": "center",
+                },
+            }
+    return lighter
+
+
+#: Workflows that dominate the host tier's time. On every release but the newest found they run lighter (the same
+#: nodes and checks at a third of the cost or less), which keeps the whole suite inside CI's budget; the newest release
+#: runs every workflow unchanged.
+LIGHTER = {
+    "background_finetune_job": fewer_steps,
+    "compare_decoders_on_my_images": fewer_steps,
+    "continue_training": fewer_steps,
+    "finetune_decoder_on_folder": fewer_steps,
+    "load_vae_decoder_sdxl": smaller_image,
+    "merge_two_finetunes": fewer_steps,
+    "posthoc_ema": fewer_steps,
+    "stable_cascade_finetune_stage_a": fewer_steps,
+}
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: os.path.basename(p))
 def test_example_workflow_runs_and_gives_the_right_numbers(server, object_info, path):
     name = os.path.splitext(os.path.basename(path))[0]
@@ -538,6 +594,8 @@ def test_example_workflow_runs_and_gives_the_right_numbers(server, object_info, 
         PREPARE[name](server)
     with open(path) as f:
         prompt = ui_to_api(json.load(f), object_info)
+    if name in LIGHTER and server.host.release != newest_release():
+        prompt = LIGHTER[name](prompt)
     entry = server.run_prompt(prompt)
     CHECKS[name](entry, prompt, server)
 
