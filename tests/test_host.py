@@ -208,7 +208,7 @@ def check_finetune_decoder_on_folder(entry, prompt, server):
 
 
 def check_continue_training(entry, prompt, server):
-    """Two chained nodes (20 + 20 steps) give exactly what one node of their summed steps gives."""
+    """Two chained nodes (10 + 10 steps) give exactly what one node of their summed steps gives."""
     nodes = [k for k, v in prompt.items() if v["class_type"] == "VAELab_DecoderFinetuneSteps"]
     second = next(k for k in nodes if "training_state" in prompt[k]["inputs"])
     first = prompt[second]["inputs"]["training_state"][0]
